@@ -1,0 +1,73 @@
+"""What a training method is: players, an update schedule, and a loss per player (DESIGN.md, style rule 2).
+
+A *method* is a loss object, not a trainer. It declares its **players** (the networks it trains, each with its own
+optimizer), says which players update at iteration ``it`` and in what order (this is where DMD2's two time-scale
+update rule lives), and computes a scalar loss plus a stats dict for one player at a time. The loop in
+:mod:`fewstep.train.loop` draws the batch, reseeds the RNGs, calls ``loss``, ``backward`` and ``step``, keeps the EMA,
+logs, checkpoints and resumes. Teacher training is the one-player method :class:`fewstep.train.teacher.TeacherMethod`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    """One training batch: data ``x0`` (images in [-1, 1] or points) and optional class ``labels``."""
+
+    x0: Tensor
+    labels: Tensor | None = None
+
+    def to(self, device: Any) -> "Batch":
+        return Batch(self.x0.to(device), None if self.labels is None else self.labels.to(device))
+
+
+@dataclass
+class Player:
+    """A trained network with its optimizer and options.
+
+    Args:
+        module: the trained ``nn.Module`` (the loop wraps it with Accelerate; the method must read it back from
+            ``player.module`` after preparation).
+        optimizer: its optimizer.
+        lr_scheduler: optional LR scheduler, stepped after every update of this player.
+        grad_clip: max gradient norm (None = no clipping).
+        ema_decay: keep an EMA copy of ``module`` with this decay (None = no EMA).
+    """
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any = None
+    grad_clip: float | None = None
+    ema_decay: float | None = None
+    ema: nn.Module | None = field(default=None, repr=False)
+
+
+class Method:
+    """Base class of every training method (teacher training and every distillation method)."""
+
+    #: players by name, in the order they are saved
+    players: dict[str, Player]
+
+    def updates(self, it: int) -> list[str]:
+        """The players that take an optimizer step at iteration ``it``, in order (default: all, every iteration)."""
+        return list(self.players)
+
+    def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss to minimise for ``player`` on ``batch`` at iteration ``it``, and stats to log."""
+        raise NotImplementedError
+
+    def inference_model(self) -> nn.Module:
+        """The network used for sampling and evaluation (an EMA copy when there is one)."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """State other than the players' (saved in checkpoints); tensors and plain Python values only."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass

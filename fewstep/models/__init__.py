@@ -1,0 +1,94 @@
+"""Embedded networks and the saving/loading of denoisers (safetensors weights + a JSON description)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.schedule import schedule_from_config
+from ..errors import UserError
+from ..io import atomic_write, atomic_write_json
+from .mlp import PointMLP
+from .unet import ClassUNet
+
+NETWORKS: dict[str, type[nn.Module]] = {"unet": ClassUNet, "mlp": PointMLP}
+FORMAT = "fewstep-denoiser"
+
+
+def build_network(spec: dict[str, Any]) -> nn.Module:
+    """Build one of our networks from ``{"type": "unet" | "mlp", **kwargs}``."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in NETWORKS:
+        raise UserError(f"unknown network type {kind!r}; use one of {sorted(NETWORKS)}")
+    return NETWORKS[kind](**spec)
+
+
+def network_spec(net: nn.Module) -> dict[str, Any]:
+    for name, cls in NETWORKS.items():
+        if type(net) is cls:
+            return {"type": name, **net.config}
+    raise TypeError(f"{type(net).__name__} is not one of fewstep's embedded networks")
+
+
+def describe(denoiser: Denoiser, **meta: Any) -> dict[str, Any]:
+    """The JSON description saved next to a denoiser's weights."""
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "network": network_spec(denoiser.net),
+        "schedule": denoiser.schedule.to_config(),
+        "prediction_type": denoiser.prediction_type,
+        "sample_shape": list(denoiser.sample_shape),
+        "num_classes": denoiser.num_classes,
+        "meta": meta,
+    }
+
+
+def save_denoiser(denoiser: Denoiser, path: str | Path, **meta: Any) -> Path:
+    """Write ``path.safetensors`` and ``path.json`` (``path`` without suffix), each atomically."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.net.state_dict().items()}
+    weights = path.with_suffix(".safetensors")
+
+    def write(f: Any) -> None:
+        from safetensors.torch import save
+
+        f.write(save(state))
+
+    atomic_write(weights, write)
+    atomic_write_json(path.with_suffix(".json"), describe(denoiser, **meta))
+    return weights
+
+
+def denoiser_from_description(desc: dict[str, Any]) -> Denoiser:
+    net = build_network(desc["network"])
+    schedule = schedule_from_config(desc["schedule"])
+    return Denoiser(net, schedule, desc["prediction_type"], tuple(desc["sample_shape"]), desc.get("num_classes", 0))
+
+
+def load_denoiser(path: str | Path) -> tuple[Denoiser, dict[str, Any]]:
+    """Load a denoiser written by :func:`save_denoiser`; returns it (in eval mode) and its description."""
+    path = Path(path)
+    desc_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    for p in (desc_path, weights):
+        if not p.is_file():
+            raise UserError(f"{p} not found: a saved denoiser is a .safetensors file with a .json beside it")
+    try:
+        desc = json.loads(desc_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{desc_path} is not valid JSON ({e}); re-create it or point at another model") from None
+    if desc.get("format") != FORMAT:
+        raise UserError(f"{desc_path} is not a fewstep denoiser description (format {desc.get('format')!r})")
+    den = denoiser_from_description(desc)
+    den.net.load_state_dict(load_file(weights))
+    den.eval().requires_grad_(False)
+    return den, desc
+
+
+__all__ = ["ClassUNet", "PointMLP", "build_network", "save_denoiser", "load_denoiser", "describe", "network_spec"]
