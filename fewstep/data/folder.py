@@ -1,0 +1,152 @@
+"""Image folders: flat (unlabelled) or one sub-folder per class, like torchvision's ``ImageFolder``.
+
+Each image is resized so its shorter side is ``resolution`` (PIL bicubic), centre-cropped to a square (as diffusers'
+training scripts do) and scaled to ``[-1, 1]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .points import fixed_split_indices
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+DEFAULT_RESOLUTION = 32
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+@dataclass
+class FolderImages:
+    """Decoded images ``x`` ``(N, C, R, R)`` in ``[-1, 1]``, labels ``(N,)`` or None, and the class names."""
+
+    x: Tensor
+    labels: Tensor | None
+    class_names: list[str]
+
+
+def list_images(folder: str | Path) -> tuple[list[Path], list[int] | None, list[str]]:
+    """The sorted image files of ``folder``, their class index (None for a flat folder) and the class names.
+
+    Immediate sub-folders that hold images (at any depth) are classes, labelled by sorted name; otherwise the images
+    directly in ``folder`` form an unlabelled set. Hidden files and folders are skipped.
+
+    Args:
+        folder: the image folder.
+    """
+    folder = Path(folder)
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = [(d.name, files) for d in subdirs if (files := _images_in(d, recursive=True))]
+    loose = _images_in(folder, recursive=False)
+    if classes:
+        if loose:
+            raise UserError(
+                f"{folder}: holds both class sub-folders and loose images (e.g. {loose[0].name}); "
+                "move the loose images into a class sub-folder, or use a flat folder without sub-folders"
+            )
+        files = [f for _, fs in classes for f in fs]
+        labels = [k for k, (_, fs) in enumerate(classes) for _ in fs]
+        return files, labels, [name for name, _ in classes]
+    if not loose:
+        raise UserError(
+            f"{folder}: no images found (accepted suffixes: {', '.join(s[1:] for s in IMAGE_SUFFIXES)}); "
+            "put the images in the folder, or one sub-folder per class"
+        )
+    return loose, None, []
+
+
+def load_image_folder(
+    folder: str | Path, split: str, resolution: int | None = None, channels: int | None = None
+) -> FolderImages:
+    """The fixed ``split`` of an image folder, decoded.
+
+    Args:
+        folder: the image folder (flat, or one sub-folder per class).
+        split: ``"train"`` or ``"test"`` (fixed permutation with seed 0 of the sorted files; the last 10 %, at least
+            one image, are the test split).
+        resolution: side of the square images (default 32).
+        channels: 1 (grayscale) or 3 (RGB); default 1 when every image is grayscale, else 3.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
+    files, labels, class_names = list_images(folder)
+    if len(files) < 2:
+        raise UserError(f"{folder}: holds only {len(files)} image; add images (the test split needs at least one)")
+    # header-only opens: catch undecodable files and pick the channel count from every image, whatever the split
+    gray = True
+    for f in files:
+        with _open(f) as im:
+            gray = gray and _is_gray(im)
+    if channels is None:
+        channels = 1 if gray else 3
+    idx = fixed_split_indices(len(files), split)
+    x = np.empty((len(idx), resolution, resolution, channels), dtype=np.uint8)
+    for i, j in enumerate(idx):
+        try:
+            with _open(files[j]) as im:
+                x[i] = _to_array(im, resolution, channels).reshape(resolution, resolution, channels)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise _corrupt(files[j], e) from None
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    y = None if labels is None else torch.tensor([labels[j] for j in idx], dtype=torch.int64)
+    return FolderImages(xt, y, class_names)
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    paths = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in paths
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _open(path: Path):
+    from PIL import Image
+
+    try:
+        return Image.open(path)
+    except Exception as e:  # noqa: BLE001 -- PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise _corrupt(path, e) from None
+
+
+def _corrupt(path: Path, e: BaseException) -> UserError:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return UserError(f"{path}: cannot decode this image ({msg}); re-save it as PNG or JPEG, or delete it")
+
+
+def _is_gray(im) -> bool:
+    if im.mode in _GRAY_MODES:
+        return True
+    if im.mode == "P":  # palette image: gray when every palette entry has r == g == b
+        pal = np.asarray(im.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+        return len(pal) > 0 and bool((pal == pal[:, :1]).all())
+    return False
+
+
+def _to_array(im, resolution: int, channels: int) -> np.ndarray:
+    """Decode, convert to L/RGB, resize the shorter side to ``resolution`` (bicubic), centre-crop: uint8 array."""
+    from PIL import Image
+
+    if im.mode.startswith("I"):  # 16-bit gray PNG: to 8 bits (PIL's convert("L") would clip at 255)
+        a = np.asarray(im, dtype=np.float64)
+        a = a / 257.0 if a.max() > 255 else a
+        im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8))
+    im = im.convert("L" if channels == 1 else "RGB")
+    w, h = im.size
+    # torchvision Resize(int): shorter side -> resolution, longer side truncated; CenterCrop rounds the offsets
+    if w <= h:
+        size = (resolution, max(resolution, int(resolution * h / w)))
+    else:
+        size = (max(resolution, int(resolution * w / h)), resolution)
+    im = im.resize(size, resample=Image.BICUBIC)
+    left = int(round((size[0] - resolution) / 2.0))
+    top_ = int(round((size[1] - resolution) / 2.0))
+    im = im.crop((left, top_, left + resolution, top_ + resolution))
+    return np.asarray(im, dtype=np.uint8)
