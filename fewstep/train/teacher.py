@@ -1,0 +1,201 @@
+"""Teacher training: the one-player method "denoise", and the function behind ``fewstep teacher train``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TeacherConfig
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.schedule import schedule_from_config
+from ..errors import UserError
+from ..methods.base import Batch, Method, Player
+from ..models import build_network, save_denoiser
+from .loop import check_run_dir, train
+
+
+class DenoisingObjective(nn.Module):
+    """A denoiser whose ``forward`` is its per-sample training loss.
+
+    The loop prepares a player's module with Accelerate, which under ``accelerate launch`` wraps it in
+    ``DistributedDataParallel``; DDP only synchronises gradients of graphs built through the wrapper's ``forward``
+    (and Accelerate's mixed-precision patch sits on ``forward`` too). Calling ``denoiser.denoising_loss`` on the
+    unwrapped module would bypass both, so the teacher's player is this thin module instead.
+    """
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Any = None) -> Tensor:
+        return self.denoiser.denoising_loss(x0, t, eps, cond)
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear learning-rate warm-up over ``warmup_iterations`` updates, then constant."""
+    w = max(int(warmup_iterations), 0)
+
+    def factor(step: int) -> float:
+        return 1.0 if w == 0 else min(1.0, (step + 1) / w)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TeacherMethod(Method):
+    """Denoising score matching in the network's own parameterisation (eps-/v-/flow-/F-MSE; see
+    :meth:`Denoiser.denoising_loss`), with label dropout to the null class so that the teacher supports
+    classifier-free guidance.
+
+    Args:
+        denoiser: the (untrained) denoiser.
+        cfg: the teacher config (optimizer, warm-up, EMA, clipping, label dropout).
+    """
+
+    def __init__(self, denoiser: Denoiser, cfg: TeacherConfig) -> None:
+        self.label_dropout = float(cfg.label_dropout)
+        objective = DenoisingObjective(denoiser)
+        optimizer = torch.optim.AdamW(
+            objective.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+        )
+        self.players = {
+            "denoiser": Player(
+                module=objective,
+                optimizer=optimizer,
+                lr_scheduler=warmup_schedule(optimizer, cfg.warmup_iterations),
+                grad_clip=cfg.grad_clip,
+                ema_decay=cfg.ema_decay,
+            )
+        }
+        self._denoiser = denoiser  # the unwrapped training copy (same parameters as the player's module)
+
+    def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
+        assert player == "denoiser", player
+        x0 = batch.x0
+        n = x0.shape[0]
+        t = self._denoiser.schedule.sample_train_t(n, device=x0.device)
+        eps = torch.randn_like(x0)
+        cond = None
+        if batch.labels is not None and self._denoiser.num_classes > 0:
+            cond = batch.labels
+            if self.label_dropout > 0:
+                drop = torch.rand(n, device=x0.device) < self.label_dropout
+                cond = torch.where(drop, self._denoiser.null_cond(cond), cond)
+        per_sample = self.players["denoiser"].module(x0, t, eps, cond)
+        return per_sample.mean(), {}
+
+    def inference_model(self) -> Denoiser:
+        """The EMA denoiser (the training weights before the loop has attached an EMA)."""
+        ema = self.players["denoiser"].ema
+        return ema.denoiser if ema is not None else self._denoiser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From a config
+# ----------------------------------------------------------------------------------------------------------------
+def _data_num_classes(dataset: Any) -> int:
+    if getattr(dataset, "labels", None) is None:
+        return 0
+    return int(getattr(dataset, "num_classes", 0) or 0)
+
+
+def resolve_teacher_config(cfg: TeacherConfig, dataset: Any) -> TeacherConfig:
+    """``cfg`` with the network spec and resolution filled in from the data (what ``config.yaml`` records)."""
+    kind = getattr(dataset, "kind", None)
+    shape = tuple(getattr(dataset, "sample_shape", tuple(dataset.x.shape[1:])))
+    classes = _data_num_classes(dataset)
+    if kind is None:
+        kind = "image" if len(shape) == 3 else "points"
+    if kind == "image":
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise UserError(f"image data must be square (C, R, R), got samples of shape {shape}")
+        defaults: dict[str, Any] = {"type": "unet", "base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2,
+                                    "num_classes": classes, "in_channels": shape[0], "resolution": shape[1]}
+        resolution = shape[1]
+    elif kind == "points":
+        if len(shape) != 1:
+            raise UserError(f"point data must be (N, D), got samples of shape {shape}")
+        defaults = {"type": "mlp", "width": 128, "depth": 4, "dim": shape[0], "num_classes": classes}
+        resolution = None
+    else:
+        raise UserError(f"unknown data kind {kind!r}; expected 'image' or 'points'")
+    if cfg.network is None:
+        network = defaults
+    else:  # a user's spec: fill in only what the data determines, and what the user left out
+        data_keys = {"unet": ("in_channels", "resolution", "num_classes"), "mlp": ("dim", "num_classes")}
+        net_type = cfg.network.get("type", defaults["type"])
+        filled = {k: defaults[k] for k in data_keys.get(net_type, ()) if k in defaults}
+        network = {"type": net_type, **filled, **cfg.network}
+    return cfg.model_copy(update={"network": network, "resolution": resolution})
+
+
+def build_teacher_denoiser(cfg: TeacherConfig, sample_shape: tuple[int, ...]) -> Denoiser:
+    """The untrained denoiser of a resolved config (the caller seeds torch first for a reproducible init)."""
+    assert cfg.network is not None, "resolve the config first"
+    try:
+        schedule = schedule_from_config(cfg.schedule)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"schedule: {e}") from None
+    try:
+        net = build_network(cfg.network)
+    except TypeError as e:
+        raise UserError(f"network: {e}") from None
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"network: {e}") from None
+    num_classes = int(cfg.network.get("num_classes", 0) or 0)
+    return Denoiser(net, schedule, cfg.prediction_type, tuple(sample_shape), num_classes)
+
+
+def train_teacher(
+    cfg: TeacherConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    dataset: Any = None,
+    sample_fn: Callable[[Denoiser, Path], None] | None = None,
+) -> Path:
+    """Train a teacher and save its EMA denoiser as ``out_dir/model.safetensors`` + ``out_dir/model.json``.
+
+    Args:
+        cfg: the teacher config (unresolved parts are filled in from the data).
+        out_dir: the run directory (new or empty unless ``resume``).
+        resume: continue the run in ``out_dir`` from its newest checkpoint.
+        dataset: the training data (default: ``fewstep.data.load_data(cfg.data, "train", cfg.resolution)``).
+        sample_fn: ``sample_fn(ema_denoiser, path)`` writes a sample grid; called every ``loop.sample_every``
+            iterations and at the end.
+
+    Returns:
+        The saved model's path prefix ``out_dir/"model"`` (for :func:`fewstep.models.load_denoiser`).
+    """
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir, resume)  # before loading data: fail fast
+    if dataset is None:
+        from ..data import load_data
+
+        dataset = load_data(cfg.data, "train", cfg.resolution)
+    cfg = resolve_teacher_config(cfg, dataset)
+    shape = tuple(getattr(dataset, "sample_shape", tuple(dataset.x.shape[1:])))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.loop.seed)  # the initial weights are a function of the seed
+        denoiser = build_teacher_denoiser(cfg, shape)
+    method = TeacherMethod(denoiser, cfg)
+
+    loop_sample_fn = None
+    if sample_fn is not None:
+        def loop_sample_fn(step: int, path: Path) -> None:
+            sample_fn(method.inference_model(), path)
+
+    train(method, dataset, cfg.loop, out_dir, resume=resume, sample_fn=loop_sample_fn, config=cfg)
+
+    from accelerate import PartialState
+
+    prefix = out_dir / "model"
+    if PartialState().is_main_process:
+        save_denoiser(
+            method.inference_model(), prefix, data=cfg.data, resolution=cfg.resolution,
+            iterations=cfg.loop.iterations, seed=cfg.loop.seed,
+        )
+    PartialState().wait_for_everyone()
+    return prefix
