@@ -112,8 +112,8 @@ class Schedule(ABC):
             return pred
         if prediction_type == "epsilon":
             return (x_t - s * pred) / a
-        if prediction_type == "v_prediction":  # v = alpha eps - sigma x0, with alpha^2 + sigma^2 = 1
-            return a * x_t - s * pred
+        if prediction_type == "v_prediction":  # v = alpha eps - sigma x0 (alpha^2 + sigma^2 = 1 on VP schedules)
+            return (a * x_t - s * pred) / (a**2 + s**2)
         if prediction_type == "flow":  # u = eps - x0 (rectified flow velocity)
             return (x_t - s * pred) / (a + s)
         if prediction_type == "edm":  # EDM eq. 7: D = c_skip x + c_out F
