@@ -20,6 +20,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give results the usual permissions
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)

@@ -1,0 +1,142 @@
+"""Pictures for people: sample grids, 2-D scatter plots and metric curves, written as PNG atomically.
+
+Matplotlib is used through ``Figure`` + the Agg canvas, never pyplot, so no global state or display is touched.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from ..errors import UserError
+from ..io import atomic_write_bytes
+
+MIN_TILE_PX = 48  # an 8x8 digit is upscaled 6x so it can be seen
+
+
+def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
+
+
+def save_grid(
+    images: Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int | None = None
+) -> Path:
+    """Write images as one PNG grid, upscaled with nearest neighbour so each tile is at least 48 px.
+
+    Args:
+        images: ``(N, C, H, W)`` in ``[-1, 1]``, C in {1, 3}; values outside are clipped.
+        path: the PNG file to write.
+        nrow: images per row (default: ceil(sqrt(N))).
+        scale: integer upscaling factor (default: the smallest one reaching 48 px).
+    """
+    from PIL import Image
+
+    x = _numpy(images)
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise UserError(f"save_grid takes images (N, 1 or 3, H, W) with N >= 1, got shape {x.shape}")
+    n, c, h, w = x.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    scale = scale or max(1, math.ceil(MIN_TILE_PX / min(h, w)))
+    rows = math.ceil(n / nrow)
+    pad = 2  # grey gutter between tiles, in output pixels
+    th, tw = h * scale, w * scale
+    canvas = np.full((rows * (th + pad) + pad, nrow * (tw + pad) + pad, c), 128, dtype=np.uint8)
+    tiles = ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)  # NHWC
+    tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
+    for i, tile in enumerate(tiles):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (th + pad), pad + col * (tw + pad)
+        canvas[top : top + th, left : left + tw] = tile
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_points(
+    points: Tensor | np.ndarray,
+    path: str | os.PathLike,
+    reference: Tensor | np.ndarray | None = None,
+    title: str | None = None,
+    lim: float | tuple[float, float] | None = None,
+) -> Path:
+    """Scatter plot of 2-D points (first two coordinates if D > 2), the reference in grey beneath.
+
+    Args:
+        points: ``(N, D)`` samples, D >= 2; drawn in colour.
+        path: the PNG file to write.
+        reference: ``(M, D)`` points drawn in light grey underneath (e.g. the data).
+        title: figure title.
+        lim: axis limits: ``a`` for ``[-a, a]`` on both axes, or ``(lo, hi)``; default: fit all points.
+    """
+    from matplotlib.figure import Figure
+
+    p = _numpy(points)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise UserError(f"save_points takes points (N, D) with D >= 2, got shape {p.shape}")
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    if reference is not None:
+        ref = _numpy(reference)
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.75", linewidths=0, label="reference", rasterized=True)
+    ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", linewidths=0, label="samples", rasterized=True)
+    if lim is not None:
+        lo, hi = (-lim, lim) if np.isscalar(lim) else lim
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+    if title:
+        ax.set_title(title + ("" if p.shape[1] == 2 else f" (dims 0, 1 of {p.shape[1]})"), fontsize=10)
+    if reference is not None:
+        ax.legend(loc="upper right", fontsize=7, markerscale=4)
+    return _save_figure(fig, path)
+
+
+def plot_curves(
+    rows: list[dict], keys: list[str], path: str | os.PathLike, x: str = "it", title: str | None = None
+) -> Path:
+    """Line plot of metrics over training (e.g. rows of ``metrics.jsonl``); log-scale y when every value is > 0.
+
+    Args:
+        rows: dicts holding ``x`` and some of ``keys``; rows missing a key (or holding None/NaN) are skipped for it.
+        keys: the metrics to draw, one line each.
+        path: the PNG file to write.
+        x: the key of the horizontal axis.
+        title: figure title.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    values: list[float] = []
+    for key in keys:
+        pts = [(float(r[x]), float(r[key])) for r in rows
+               if x in r and r.get(key) is not None and math.isfinite(float(r[key]))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=key)
+            values.extend(ys)
+    if not values:
+        raise UserError(f"no finite values of {keys} against {x!r} in the {len(rows)} rows given; "
+                        "check the metric names")
+    if min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save_figure(fig, path)
