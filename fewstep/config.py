@@ -86,6 +86,48 @@ class TeacherConfig(BaseModel):
     loop: LoopConfig = Field(default_factory=_default_teacher_loop, description="Training loop options.")
 
 
+def _default_distill_loop() -> LoopConfig:
+    return LoopConfig(iterations=1500, batch_size=64, checkpoint_every=500, log_every=25, sample_every=250)
+
+
+class DMD2Config(BaseModel):
+    """DMD2 (Yin et al. 2024): distribution matching with a fake score at a faster time scale, a GAN head on the
+    fake score's bottleneck, and backward simulation for multi-step students. The ablation switches give DMD2 without
+    TTUR (``ttur: 1``), without the GAN head (``gan: false``) and DMD v1 (``ttur: 1, gan: false, regression: true``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["dmd2"] = Field("dmd2", description="The distillation method.")
+    teacher: str = Field("digits", description="Embedded teacher name or a run directory from `fewstep teacher train`.")
+    data: str | None = Field(None, description="Real data for the GAN head (default: the teacher's training data).")
+    steps: int = Field(1, ge=1, le=8, description="Student sampling steps (timesteps: trailing spacing, e.g. 999 749 499 249).")
+    guidance_scale: float = Field(
+        1.0, ge=1.0, description="CFG scale on the real score (w = 1: no guidance; uncond + w (cond - uncond)).")
+    ttur: int = Field(
+        5, ge=1,
+        description="Two time-scale update rule, the DMD2 code's convention: the fake score (and GAN head) update every "
+                    "iteration and the generator every `ttur`-th one (5 = 4 fake-only iterations, then one where the "
+                    "generator updates first and the fake score after it). 1 = no TTUR.")
+    gan: bool = Field(True, description="Train the GAN classifier head on the fake score's bottleneck features.")
+    gan_head_weight: float = Field(1e-2, ge=0, description="Weight of the head's GAN loss next to the fake score's denoising loss.")
+    gan_generator_weight: float = Field(3e-3, ge=0, description="lambda_G: weight of the generator's GAN loss next to L_dm.")
+    regression: bool = Field(False, description="DMD (v1): add an L2 regression loss to teacher ODE pairs.")
+    regression_weight: float = Field(0.25, ge=0, description="Weight of the regression loss (DMD v1).")
+    regression_pairs: int = Field(1024, ge=1, description="Noise/image pairs precomputed with the teacher's ODE (DMD v1).")
+    regression_teacher_steps: int = Field(32, ge=1, description="Heun steps of the teacher when making regression pairs.")
+    dm_t_range: tuple[float, float] = Field(
+        (0.02, 0.98), description="Share of the time range the distribution matching loss draws t from (DMD2: 2%..98%).")
+    lr_generator: float = Field(5e-5, gt=0, description="AdamW learning rate of the generator.")
+    lr_fake: float = Field(5e-5, gt=0, description="AdamW learning rate of the fake score and GAN head.")
+    adam_betas: tuple[float, float] = Field((0.0, 0.999), description="AdamW betas (both players).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (DMD2 reference: 0.01).")
+    warmup_iterations: int = Field(100, ge=0, description="Linear learning-rate warm-up (updates of each player).")
+    grad_clip: float | None = Field(10.0, gt=0, description="Max gradient norm (DMD2 reference: 10).")
+    ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="EMA of the generator (None: sample the raw generator, as the DMD2 reference).")
+    loop: LoopConfig = Field(default_factory=_default_distill_loop, description="Training loop options.")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # YAML in and out
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,6 +178,7 @@ def dump_config(cfg: BaseModel, path: str | Path) -> Path:
 __all__ = [
     "LoopConfig",
     "TeacherConfig",
+    "DMD2Config",
     "load_config",
     "dump_config",
     "validate_config",

@@ -1,0 +1,296 @@
+"""The ``fewstep`` command. Thin: it parses, validates, and calls the Python API.
+
+Every user error (unknown name, bad number, existing --out, unreadable file) ends as one line on stderr and exit
+status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``fewstep: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"fewstep: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _positive_int(name: str):
+    def parse(value: str) -> int:
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {value!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        return v
+
+    return parse
+
+
+def _new_path(value: str) -> Path:
+    p = Path(value)
+    if p.exists():
+        raise argparse.ArgumentTypeError(f"{p} already exists; choose a new --out (results are never overwritten)")
+    return p
+
+
+def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
+    if value not in choices:
+        raise UserError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .diffusion.samplers import SAMPLERS
+
+    p = _Parser(prog="fewstep", description="Distill diffusion teachers into few-step generators.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    # fewstep teacher train | sample
+    teacher = sub.add_parser("teacher", help="train or sample a teacher")
+    tsub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
+    tt = tsub.add_parser("train", help="train a teacher diffusion model")
+    tt.add_argument("--data", default=None, help="embedded name (digits, grid25, ...), an image folder or a .npy/.csv")
+    tt.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
+    tt.add_argument("--config", default=None, help="a YAML TeacherConfig (default: the preset for --data)")
+    tt.add_argument("--iterations", type=_positive_int("--iterations"), default=None)
+    tt.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
+    tt.add_argument("--resolution", type=_positive_int("--resolution"), default=None)
+    tt.add_argument("--seed", type=int, default=None)
+    tt.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    tt.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    ts = tsub.add_parser("sample", help="sample a teacher into a PNG grid (or a scatter plot for points)")
+    ts.add_argument("--teacher", required=True, help="embedded name, run directory or saved model")
+    ts.add_argument("--steps", type=_positive_int("--steps"), default=32)
+    ts.add_argument("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)}")
+    ts.add_argument("--n", type=_positive_int("--n"), default=64)
+    ts.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
+
+    # fewstep distill
+    di = sub.add_parser("distill", help="distill a teacher into a few-step student")
+    di.add_argument("--method", default="dmd2", help="dmd2")
+    di.add_argument("--teacher", default=None, help="embedded name or teacher run directory (default: digits)")
+    di.add_argument("--data", default=None, help="real data (default: the teacher's training data)")
+    di.add_argument("--steps", type=_positive_int("--steps"), default=None, help="student steps, 1..8 (default 1)")
+    di.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
+    di.add_argument("--config", default=None, help="a YAML config of the method (see configs/)")
+    di.add_argument("--iterations", type=_positive_int("--iterations"), default=None)
+    di.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
+    di.add_argument("--seed", type=int, default=None)
+    di.add_argument("--guidance-scale", type=float, default=None, help="CFG scale on the real score")
+    di.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    di.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    # fewstep sample
+    sa = sub.add_parser("sample", help="sample a distilled student (or a teacher) into a PNG")
+    sa.add_argument("--student", required=True, help="a `fewstep distill` run directory (or any --model)")
+    sa.add_argument("--n", type=_positive_int("--n"), default=64)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
+
+    # fewstep eval
+    ev = sub.add_parser("eval", help="sample a model and measure it against held-out data")
+    ev.add_argument("--model", required=True, help="embedded teacher, teacher or distillation run directory")
+    ev.add_argument("--data", default=None, help="reference data (default: the model's training data)")
+    ev.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                    help="sampling steps (teachers: default 32; students: their own)")
+    ev.add_argument("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)}")
+    ev.add_argument("--n", type=_positive_int("--n"), default=2000)
+    ev.add_argument("--cfg-scale", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    # fewstep demo
+    de = sub.add_parser("demo", help="the embedded default end to end: teacher, samples, evaluation, report")
+    de.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-N if taken)")
+    de.add_argument("--n", type=_positive_int("--n"), default=1000, help="samples per evaluation")
+
+    # fewstep zoo build | list
+    zo = sub.add_parser("zoo", help="list or rebuild the shipped embedded weights")
+    zsub = zo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
+    zsub.add_parser("list", help="list the shipped weights")
+    zb = zsub.add_parser("build", help="retrain one shipped file from its preset (reproduces it)")
+    zb.add_argument("name", help="digits, ring8, grid25, moons, checkerboard, swissroll or digits_classifier")
+    zb.add_argument("--work-dir", default=None, help="run directory for the training (default runs/zoo/NAME)")
+    zb.add_argument("--resume", action="store_true")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _cmd_teacher_train(a: argparse.Namespace) -> None:
+    from .config import TeacherConfig, load_config, validate_config
+    from .data import EMBEDDED_DATA
+    from .train.teacher import train_teacher
+    from .zoo import PRESETS
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.resume:
+        raise UserError(f"{out} already exists; pass --resume to continue it or choose a new --out")
+    if a.config:
+        cfg = load_config(a.config, TeacherConfig)
+        if a.data:
+            cfg = cfg.model_copy(update={"data": a.data})
+    else:
+        data = a.data or "digits"
+        base = dict(PRESETS.get(data, {"data": data})) if data in EMBEDDED_DATA else {"data": data}
+        base["data"] = data
+        cfg = validate_config(TeacherConfig, base, "preset")
+    loop_updates = {k: v for k, v in (("iterations", a.iterations), ("batch_size", a.batch_size), ("seed", a.seed))
+                    if v is not None}
+    cfg = cfg.model_copy(update={"loop": cfg.loop.model_copy(update=loop_updates)})
+    if a.resolution is not None:
+        cfg = cfg.model_copy(update={"resolution": a.resolution})
+    cfg = validate_config(TeacherConfig, cfg.model_dump(), "options")  # re-validate the overrides
+    if a.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return
+    model = train_teacher(cfg, out, resume=a.resume)
+    print(f"teacher written to {model}.safetensors")
+
+
+def _save_samples(x: Any, path: Path, data: str | None) -> None:
+    from .eval.images import save_grid, save_points
+
+    if x.ndim == 4:
+        save_grid(x, path)
+    else:
+        ref = None
+        if data:
+            from .data import load_data
+
+            ref = load_data(data, "test").x
+        save_points(x, path, reference=ref)
+
+
+def _cmd_teacher_sample(a: argparse.Namespace) -> None:
+    from .api import generate, load_teacher, model_data
+    from .diffusion.samplers import SAMPLERS
+
+    _check_choice(a.sampler, SAMPLERS, "sampler")
+    teacher = load_teacher(a.teacher)
+    x, _, stats = generate(teacher, a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, seed=a.seed)
+    _save_samples(x, a.out, model_data(teacher))
+    print(f"{a.n} samples ({a.sampler}, {a.steps} steps, NFE {stats['nfe']}) written to {a.out}")
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from .api import evaluate, load_model
+    from .diffusion.samplers import SAMPLERS
+
+    _check_choice(a.sampler, SAMPLERS, "sampler")
+    model = load_model(a.model)
+    result = evaluate(model, data=a.data, n=a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale,
+                      seed=a.seed)
+    result = {"model": a.model, **result}
+    if a.json:
+        print(json.dumps(result))
+    else:
+        width = max(len(k) for k in result)
+        for k, v in result.items():
+            print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def _cmd_distill(a: argparse.Namespace) -> None:
+    from .distill import METHODS, distill, make_config
+
+    _check_choice(a.method, tuple(METHODS), "method")
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.resume:
+        raise UserError(f"{out} already exists; pass --resume to continue it or choose a new --out")
+    options = dict(teacher=a.teacher, data=a.data, steps=a.steps, iterations=a.iterations, batch_size=a.batch_size,
+                   seed=a.seed, guidance_scale=a.guidance_scale)
+    if a.dry_run:
+        import yaml
+
+        cfg = make_config(a.method, a.config, **options)
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return
+    distill(method=a.method, out=out, config=a.config, resume=a.resume, **options)
+    print(f"student written to {out / 'student.safetensors'}; report: {out / 'report.html'}")
+
+
+def _cmd_sample(a: argparse.Namespace) -> None:
+    from .api import generate, load_model, model_data
+
+    model = load_model(a.student)
+    x, _, stats = generate(model, a.n, seed=a.seed)
+    _save_samples(x, a.out, model_data(model))
+    print(f"{a.n} samples (NFE {stats['nfe']}) written to {a.out}")
+
+
+def _cmd_demo(a: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    if a.out is None:
+        out = Path("runs/demo")
+        i = 1
+        while out.exists():
+            out = Path(f"runs/demo-{i}")
+            i += 1
+    else:
+        out = _new_path(a.out)
+    report = run_demo(out, n=a.n)
+    print(f"report written to {report}")
+
+
+def _cmd_zoo(a: argparse.Namespace) -> None:
+    from . import zoo
+
+    if a.zoo_command == "list":
+        for name in (*zoo.TEACHERS, zoo.CLASSIFIER):
+            prefix = zoo.zoo_path(name)
+            present = prefix.with_suffix(".safetensors").is_file()
+            size = prefix.with_suffix(".safetensors").stat().st_size / 1e6 if present else 0.0
+            status = f"{size:.2f} MB" if present else "missing"
+            print(f"{name:<18} {status:<10} rebuild: {zoo.build_command(name)}")
+        return
+    _check_choice(a.name, (*zoo.TEACHERS, zoo.CLASSIFIER), "embedded weights")
+    work = Path(a.work_dir) if a.work_dir else Path("runs/zoo") / a.name
+    if a.name == zoo.CLASSIFIER:
+        from .eval.classifier import main as build_classifier
+
+        build_classifier(["--out", str(zoo.zoo_path(zoo.CLASSIFIER))])
+        return
+    if work.exists() and any(work.iterdir()) and not a.resume:
+        raise UserError(f"{work} already exists; pass --resume or --work-dir NEW_DIR")
+    path = zoo.build_teacher(a.name, work, resume=a.resume)
+    print(f"{a.name} written to {path}.safetensors")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    handlers = {"eval": _cmd_eval, "demo": _cmd_demo, "zoo": _cmd_zoo, "distill": _cmd_distill,
+                "sample": _cmd_sample}
+    try:
+        if a.command == "teacher":
+            (_cmd_teacher_train if a.teacher_command == "train" else _cmd_teacher_sample)(a)
+        else:
+            handlers[a.command](a)
+    except UserError as e:
+        sys.stderr.write(f"fewstep: error: {e}\n")
+        return 2
+    except argparse.ArgumentTypeError as e:
+        sys.stderr.write(f"fewstep: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("fewstep: interrupted; resume a training run with --resume\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""``fewstep.distill``: teacher in, few-step student out, in a run directory that is never overwritten.
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, TensorBoard events (``tb/``), ``checkpoints/``,
+``samples/`` (grids over training), the student (``student.safetensors`` + ``.json``), ``eval.json`` and
+``report.html``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DMD2Config, LoopConfig, load_config, validate_config
+from .errors import UserError
+from .io import atomic_write_json
+from .student import Student, save_student
+
+METHODS = {"dmd2": DMD2Config}
+
+
+def make_config(
+    method: str = "dmd2",
+    config: str | Path | dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Any:
+    """The resolved config of a distillation run: the method's defaults, then ``config`` (YAML path or dict), then
+    ``overrides`` (``None`` values are ignored; loop options such as ``iterations``/``seed``/``batch_size`` go to
+    ``loop``)."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cls = METHODS[method]
+    if config is None:
+        data: dict[str, Any] = {}
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        data = load_config(config, cls).model_dump(mode="json")
+    if data.get("method", method) != method:
+        raise UserError(f"the config is for method {data['method']!r}, not {method!r}; pass --method {data['method']}")
+    loop = dict(data.get("loop") or {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in LoopConfig.model_fields:
+            loop[key] = value
+        else:
+            data[key] = value
+    if loop:
+        data["loop"] = {**cls.model_fields["loop"].default_factory().model_dump(), **loop}
+    return validate_config(cls, data, "config")
+
+
+def _sample_writer(student_of: Any, kind: str, data_name: str | None) -> Any:
+    from .eval.images import save_grid, save_points
+
+    reference = None
+    if kind == "points" and data_name:
+        from .data import load_data
+
+        reference = load_data(data_name, "test").x
+
+    def write(step: int, path: Path) -> None:
+        student = student_of()
+        x = student.sample(100 if kind == "image" else 2000, seed=1234)
+        if kind == "image":
+            save_grid(x, path, nrow=10)
+        else:
+            save_points(x, path, reference=reference, title=f"iteration {step}")
+
+    return write
+
+
+def distill(
+    teacher: str | None = None,
+    method: str = "dmd2",
+    steps: int | None = None,
+    out: str | Path = "runs/distill",
+    config: str | Path | dict[str, Any] | None = None,
+    resume: bool = False,
+    evaluate_n: int = 1000,
+    **overrides: Any,
+) -> Student:
+    """Distill ``teacher`` into a ``steps``-step student with ``method``.
+
+    Args:
+        teacher: an embedded teacher name or a ``fewstep teacher train`` run directory (default: the config's,
+            else ``digits``).
+        method: ``dmd2``.
+        steps: student sampling steps (1..8).
+        out: the run directory (must not exist unless ``resume``).
+        config: a YAML file or dict of the method's config (see ``configs/``).
+        resume: continue the run in ``out`` from its newest checkpoint.
+        evaluate_n: samples for the final evaluation in ``eval.json`` and the report (0: skip).
+        **overrides: any config field (``guidance_scale=2.0``, ``gan=False``) or loop field (``iterations=500``).
+
+    Returns:
+        The student (also saved as ``out/student.safetensors``).
+    """
+    from .api import load_teacher, model_data
+    from .data import load_data
+    from .train.loop import check_run_dir, train
+
+    out = Path(out)
+    cfg = make_config(method, config, teacher=teacher, steps=steps, **overrides)
+    check_run_dir(out, resume)
+    teacher_model = load_teacher(cfg.teacher)
+    data_name = cfg.data or model_data(teacher_model)
+    if data_name is None:
+        raise UserError(f"teacher {cfg.teacher!r} does not record its data; pass --data")
+    resolution = teacher_model.sample_shape[-1] if len(teacher_model.sample_shape) == 3 else None
+    dataset = load_data(data_name, "train", resolution=resolution)
+    if tuple(dataset.sample_shape) != tuple(teacher_model.sample_shape):
+        raise UserError(f"data {data_name!r} has samples of shape {tuple(dataset.sample_shape)} but the teacher "
+                        f"makes {tuple(teacher_model.sample_shape)}")
+    cfg = cfg.model_copy(update={"data": data_name})
+
+    from .methods.dmd2 import DMD2Method
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.loop.seed)
+        method_obj = DMD2Method(teacher_model, cfg)
+
+    def student_of() -> Student:
+        return Student(method_obj.inference_model(), method_obj.timesteps)
+
+    sample_fn = _sample_writer(student_of, dataset.kind, data_name)
+    train(method_obj, dataset, cfg.loop, out, resume=resume, sample_fn=sample_fn, config=cfg)
+
+    from accelerate import PartialState
+
+    student = student_of()
+    meta = {"method": method, "teacher": cfg.teacher, "data": data_name, "steps": cfg.steps,
+            "iterations": cfg.loop.iterations, "seed": cfg.loop.seed}
+    student.info = {"meta": meta}
+    if PartialState().is_main_process:
+        save_student(student, out / "student", **meta)
+        if evaluate_n > 0:
+            from .report import write_run_report
+
+            write_run_report(out, student, teacher_model, n=evaluate_n)
+    PartialState().wait_for_everyone()
+    return student

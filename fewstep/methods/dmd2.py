@@ -1,0 +1,247 @@
+"""DMD2: improved distribution matching distillation (Yin et al. 2024; METHODS.md, "DMD2").
+
+Players: the **generator** ``G`` (initialised from the teacher) and the **guidance** player: the fake score
+``D_fake`` (initialised from the teacher, trained online on generator samples) with the GAN classifier head on its
+bottleneck features. The frozen teacher ``D_real`` gives the real score, with CFG.
+
+* Generator: ``L_dm + lambda_G L_gan`` where ``L_dm = 0.5 || x - sg(x - grad) ||^2`` and
+  ``grad = (p_real - p_fake) / mean|p_real|`` with ``p = x - D(x_t, t)`` (DMD2 eq. 2, DMD eq. 7-8).
+* Guidance: the fake score's denoising loss on detached generator samples, plus ``w_head`` times the head's
+  non-saturating loss on diffused real data against diffused generator samples.
+* TTUR (``ttur``): the guidance player updates every iteration, the generator every ``ttur``-th (DMD2 code).
+* Backward simulation: a k-step generator's training input ``x_{t_i}`` comes from its own sampler (no gradient),
+  not from noised data (DMD2 sec. 4.5).
+* DMD (v1) ablation: no TTUR, no GAN, plus an L2 regression to teacher ODE pairs (Yin et al. 2023, eq. 9).
+
+The distribution-matching mathematics are plain functions (:func:`distribution_matching_grad`,
+:func:`distribution_matching_loss`) so they can be tested against closed-form Gaussian scores.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DMD2Config
+from ..diffusion.denoiser import Denoiser, guided
+from ..diffusion.samplers import sample as teacher_sample, student_timesteps
+from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
+from ..train.teacher import warmup_schedule
+from .base import Batch, Method, Player
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mathematics
+# ----------------------------------------------------------------------------------------------------------------
+def distribution_matching_grad(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
+    """DMD's per-sample normalised gradient of KL(p_fake || p_real) w.r.t. the generator output ``x``.
+
+    ``p_real = x - D_real(x_t)``, ``p_fake = x - D_fake(x_t)``; ``grad = (p_real - p_fake) / mean|p_real|`` with the
+    mean over all non-batch dimensions (DMD eq. 8's weighting); NaN/inf are replaced by 0. Gradient *descent* along it
+    moves ``x`` towards ``D_real`` and away from ``D_fake``: ``p_real - p_fake = D_fake - D_real``.
+    """
+    p_real = x - real_x0
+    p_fake = x - fake_x0
+    weight = p_real.abs().flatten(1).mean(1).clamp_min(1e-12)
+    grad = (p_real - p_fake) / weight.reshape(-1, *([1] * (x.ndim - 1)))
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def distribution_matching_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """``0.5 * mean (x - sg(x - grad))^2``: its gradient w.r.t. ``x`` is ``grad / x.numel()`` (DMD2 code)."""
+    return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float(), reduction="mean")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Players as modules whose forward is the whole computation (DDP synchronises only through forward)
+# ----------------------------------------------------------------------------------------------------------------
+class Generator(nn.Module):
+    """The generator denoiser; ``forward(x_t, t, cond) -> x0_hat``."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.denoiser(x_t, t, cond)
+
+
+class Guidance(nn.Module):
+    """The fake score and the GAN head; ``forward`` returns the guidance player's losses."""
+
+    def __init__(self, fake: Denoiser, head: FeatureHead | None) -> None:
+        super().__init__()
+        self.fake = fake
+        self.head = head
+
+    def logits(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        assert self.head is not None
+        return self.head(self.fake.features(x_t, t, cond))
+
+    def forward(
+        self, x_fake: Tensor, cond_fake: Any, t: Tensor, eps: Tensor, gan_inputs: tuple[Tensor, ...] | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Denoising loss on generator samples, and (given ``(x_real_t, cond_real, t_real, x_fake_t, t_fake)``) the
+        head's loss with its logits on real and fake inputs."""
+        denoise = self.fake.denoising_loss(x_fake, t, eps, cond_fake).mean()
+        if gan_inputs is None or self.head is None:
+            return denoise, None, None, None
+        x_real_t, cond_real, t_real, x_fake_t, t_fake = gan_inputs
+        real_logits = self.logits(x_real_t, t_real, cond_real)
+        fake_logits = self.logits(x_fake_t, t_fake, cond_fake)
+        return denoise, nonsaturating_d_loss(real_logits, fake_logits), real_logits, fake_logits
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module under DDP/compile wrappers (the loop prepares players with Accelerate)."""
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return getattr(module, "_orig_mod", module)
+
+
+class DMD2Method(Method):
+    """DMD2 as a method of the training loop (see the module docstring).
+
+    Args:
+        teacher: the frozen teacher denoiser (the real score).
+        cfg: the DMD2 config.
+        num_classes: classes of the data (0: unconditional).
+    """
+
+    def __init__(self, teacher: Denoiser, cfg: DMD2Config) -> None:
+        self.cfg = cfg
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.real = guided(self.teacher, cfg.guidance_scale)
+        self.schedule = teacher.schedule
+        self.timesteps = student_timesteps(self.schedule, cfg.steps)
+
+        generator = copy.deepcopy(teacher).train().requires_grad_(True)
+        fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        head = None
+        if cfg.gan:
+            probe = torch.zeros((1, *teacher.sample_shape))
+            with torch.no_grad():
+                feats = fake.features(probe, torch.tensor([self.schedule.t_max]), None)
+            head = FeatureHead(feats.shape[1], feats.shape[-1] if feats.ndim == 4 else 0)
+        g_mod, f_mod = Generator(generator), Guidance(fake, head)
+
+        def player(module: nn.Module, lr: float) -> Player:
+            opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(cfg.adam_betas),
+                                    weight_decay=cfg.weight_decay)
+            return Player(module, opt, warmup_schedule(opt, cfg.warmup_iterations), cfg.grad_clip,
+                          cfg.ema_decay if module is g_mod else None)
+
+        self.players = {"generator": player(g_mod, cfg.lr_generator), "guidance": player(f_mod, cfg.lr_fake)}
+        self.pairs: tuple[Tensor, Tensor, Tensor | None] | None = None
+        if cfg.regression:
+            self.pairs = self._regression_pairs()
+
+    # --- schedule of updates ------------------------------------------------------------------------------------
+    def updates(self, it: int) -> list[str]:
+        # DMD2 code: COMPUTE_GENERATOR_GRADIENT = step % dfake_gen_update_ratio == 0; generator first, then guidance.
+        return ["generator", "guidance"] if it % self.cfg.ttur == 0 else ["guidance"]
+
+    # --- pieces -------------------------------------------------------------------------------------------------
+    def _labels(self, batch: Batch) -> Tensor | None:
+        return batch.labels if self.teacher.num_classes > 0 else None
+
+    def _t_dm(self, n: int, device: Any) -> Tensor:
+        lo, hi = self.cfg.dm_t_range
+        u = lo + (hi - lo) * torch.rand(n, device=device)
+        t = self.schedule.from_fraction(u).to(device)
+        return t.round() if self.schedule.kind == "ddpm" else t
+
+    def _generate(self, gen: nn.Module, n: int, cond: Any, device: Any) -> Tensor:
+        """Generator samples with backward simulation; gradient only through the last generator call."""
+        z = torch.randn((n, *self.teacher.sample_shape), device=device)
+        ts = self.timesteps.to(device)
+        _, s0 = self.schedule.alpha_sigma(ts[:1])
+        x = z * s0.to(device)
+        i = int(torch.randint(0, len(ts), ()).item())  # the step this batch trains (DMD2's random step index)
+        with torch.no_grad():
+            for j in range(i):
+                x0 = gen(x, ts[j].expand(n), cond)
+                x = self.schedule.add_noise(x0, torch.randn_like(x0), ts[j + 1].expand(n))
+        return gen(x, ts[i].expand(n), cond)
+
+    def _regression_pairs(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """DMD (v1)'s noise/image pairs: the teacher's deterministic ODE sample (Heun) from fixed noise."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.loop.seed + 12345)
+        z = torch.randn((cfg.regression_pairs, *self.teacher.sample_shape), generator=gen)
+        labels = None
+        if self.teacher.num_classes > 0:
+            labels = torch.randint(0, self.teacher.num_classes, (cfg.regression_pairs,), generator=gen)
+        images = []
+        for i in range(0, len(z), 256):
+            cond = None if labels is None else labels[i : i + 256]
+            images.append(teacher_sample(self.real, z[i : i + 256], cfg.regression_teacher_steps, "heun", cond=cond))
+        return z, torch.cat(images), labels
+
+    # --- losses -------------------------------------------------------------------------------------------------
+    def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
+        return self._generator_loss(batch) if player == "generator" else self._guidance_loss(batch)
+
+    def _generator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        gen = self.players["generator"].module
+        guidance = _unwrap(self.players["guidance"].module)  # not updated here: bypass DDP
+        n, device = batch.x0.shape[0], batch.x0.device
+        cond = self._labels(batch)
+        x = self._generate(gen, n, cond, device)
+        t = self._t_dm(n, device)
+        x_t = self.schedule.add_noise(x, torch.randn_like(x), t)
+        with torch.no_grad():
+            real_x0 = self.real(x_t.detach(), t, cond)
+            fake_x0 = guidance.fake(x_t.detach(), t, cond)
+        grad = distribution_matching_grad(x.detach(), real_x0, fake_x0)
+        loss = distribution_matching_loss(x, grad)
+        stats = {"dm": loss.detach(), "score_mismatch": (real_x0 - fake_x0).pow(2).flatten(1).sum(1).mean()}
+        if self.cfg.gan and self.cfg.gan_generator_weight > 0:
+            t_gan = self.schedule.sample_train_t(n, device=device)
+            x_gan = self.schedule.add_noise(x, torch.randn_like(x), t_gan)
+            g_loss = nonsaturating_g_loss(guidance.logits(x_gan, t_gan, cond))
+            loss = loss + self.cfg.gan_generator_weight * g_loss
+            stats["gan_g"] = g_loss.detach()
+        if self.pairs is not None:
+            z, y, labels = self.pairs
+            idx = torch.randint(0, len(z), (n,), device="cpu")
+            zc = z[idx].to(device)
+            c = None if labels is None else labels[idx].to(device)
+            _, s0 = self.schedule.alpha_sigma(self.timesteps[:1])
+            pred = gen(zc * s0.to(device), self.timesteps[0].to(device).expand(n), c)
+            reg = F.mse_loss(pred, y[idx].to(device))
+            loss = loss + self.cfg.regression_weight * reg
+            stats["regression"] = reg.detach()
+        return loss, stats
+
+    def _guidance_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        gen = self.players["generator"].module
+        n, device = batch.x0.shape[0], batch.x0.device
+        cond = self._labels(batch)
+        with torch.no_grad():
+            x = self._generate(gen, n, cond, device).detach()
+        t = self.schedule.sample_train_t(n, device=device)
+        eps = torch.randn_like(x)
+        gan_inputs = None
+        if self.cfg.gan:
+            t_real = self.schedule.sample_train_t(n, device=device)
+            t_fake = self.schedule.sample_train_t(n, device=device)
+            x_real_t = self.schedule.add_noise(batch.x0, torch.randn_like(x), t_real)
+            x_fake_t = self.schedule.add_noise(x, torch.randn_like(x), t_fake)
+            gan_inputs = (x_real_t, cond, t_real, x_fake_t, t_fake)
+        denoise, gan_d, real_logits, fake_logits = self.players["guidance"].module(x, cond, t, eps, gan_inputs)
+        loss, stats = denoise, {"denoise": denoise.detach()}
+        if gan_d is not None:
+            loss = loss + self.cfg.gan_head_weight * gan_d
+            stats.update(gan_d=gan_d.detach(), real_logit=real_logits.detach().mean(),
+                         fake_logit=fake_logits.detach().mean())
+        return loss, stats
+
+    # --- outputs ------------------------------------------------------------------------------------------------
+    def inference_model(self) -> Denoiser:
+        player = self.players["generator"]
+        module = player.ema if player.ema is not None else _unwrap(player.module)
+        return module.denoiser

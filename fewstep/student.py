@@ -1,0 +1,63 @@
+"""A distilled few-step student: a generator denoiser plus the fixed timesteps it samples at."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .diffusion.denoiser import Denoiser
+from .diffusion.samplers import sample_student
+from .models import load_denoiser, save_denoiser
+
+
+class Student(nn.Module):
+    """``student.sample(n, labels)``: the k-step student sampler over ``timesteps`` (METHODS.md common notation).
+
+    Args:
+        generator: the generator, a denoiser ``G(x_t, t, cond) -> x0_hat``.
+        timesteps: its input times ``t_1 > ... > t_k``.
+    """
+
+    def __init__(self, generator: Denoiser, timesteps: Tensor | list[float], info: dict[str, Any] | None = None):
+        super().__init__()
+        self.generator = generator
+        self.register_buffer("timesteps", torch.as_tensor(timesteps, dtype=torch.float32), persistent=False)
+        self.info = info or {}
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def schedule(self) -> Any:
+        return self.generator.schedule
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.generator.sample_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.generator.num_classes
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: Tensor | None = None, seed: int = 0, z: Tensor | None = None) -> Tensor:
+        """``n`` samples; ``labels`` are class indices for a class-conditional student (default: balanced)."""
+        gen = torch.Generator().manual_seed(seed)
+        if z is None:
+            z = torch.randn((n, *self.sample_shape), generator=gen)
+        if labels is None and self.num_classes > 0:
+            labels = torch.arange(n) % self.num_classes
+        return sample_student(self.generator, z, self.timesteps, labels, generator=gen)
+
+
+def save_student(student: Student, prefix: str | Path, **meta: Any) -> Path:
+    """``prefix.safetensors`` + ``prefix.json``; the JSON records the timesteps and whatever ``meta`` holds."""
+    return save_denoiser(student.generator, prefix, kind="student", timesteps=student.timesteps.tolist(), **meta)
+
+
+def load_student(prefix: str | Path) -> Student:
+    den, desc = load_denoiser(prefix)
+    return Student(den, desc["meta"]["timesteps"], info=desc)
