@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the embedded default end to end: teacher, samples, evaluation, report")
     de.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-N if taken)")
     de.add_argument("--n", type=_positive_int("--n"), default=1000, help="samples per evaluation")
+    de.add_argument("--distill-iterations", type=_positive_int("--distill-iterations"), default=None,
+                    help="DMD2 iterations (default: DMD2's shipped default)")
 
     # fewstep zoo build | list
     zo = sub.add_parser("zoo", help="list or rebuild the shipped embedded weights")
@@ -242,7 +244,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
             i += 1
     else:
         out = _new_path(a.out)
-    report = run_demo(out, n=a.n)
+    report = run_demo(out, n=a.n, distill_iterations=a.distill_iterations)
     print(f"report written to {report}")
 
 

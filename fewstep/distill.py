@@ -129,7 +129,7 @@ def distill(
 
     from accelerate import PartialState
 
-    student = student_of()
+    student = student_of().eval().requires_grad_(False)  # training is over: the student as it is saved
     meta = {"method": method, "teacher": cfg.teacher, "data": data_name, "steps": cfg.steps,
             "iterations": cfg.loop.iterations, "seed": cfg.loop.seed}
     student.info = {"meta": meta}

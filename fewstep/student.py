@@ -45,12 +45,20 @@ class Student(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | None = None, seed: int = 0, z: Tensor | None = None) -> Tensor:
         """``n`` samples; ``labels`` are class indices for a class-conditional student (default: balanced)."""
+        device = next(self.generator.parameters()).device
         gen = torch.Generator().manual_seed(seed)
         if z is None:
             z = torch.randn((n, *self.sample_shape), generator=gen)
         if labels is None and self.num_classes > 0:
             labels = torch.arange(n) % self.num_classes
-        return sample_student(self.generator, z, self.timesteps, labels, generator=gen)
+        was_training = self.generator.training
+        self.generator.eval()  # the student as saved: no dropout, whatever mode training left it in
+        try:
+            x = sample_student(self.generator, z.to(device), self.timesteps.to(device),
+                               None if labels is None else labels.to(device), generator=gen)
+        finally:
+            self.generator.train(was_training)
+        return x.cpu()
 
 
 def save_student(student: Student, prefix: str | Path, **meta: Any) -> Path:

@@ -66,6 +66,13 @@ def _data_form_update(schedule: Schedule, x: Tensor, d: Tensor, t: Tensor, t_nex
     return (s_n / s) * x + (a_n - s_n * a / s) * d
 
 
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device (a CPU generator gives the same
+    numbers whatever device ``x`` is on)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def _per_sample(t: Tensor, x: Tensor) -> Tensor:
     return t.to(x.device).float().expand(x.shape[0])
 
@@ -91,7 +98,7 @@ def sample_ddim(
             # Song et al. 2021, eq. 16: sigma_eta = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
             sig = eta * (s_n / s) * (1 - (a / a_n) ** 2).clamp(min=0).sqrt()
             eps = (x - bcast(a, x) * x0) / bcast(s, x)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = _randn_like(x, generator)
             dir_coef = (s_n**2 - sig**2).clamp(min=0).sqrt()
             x = bcast(a_n, x) * x0 + bcast(dir_coef, x) * eps + bcast(sig, x) * z
         else:
@@ -166,6 +173,6 @@ def sample_student(
         inputs.append(x)
         x0 = generator_net(x, _per_sample(ts[i], x), cond)
         if i + 1 < len(ts):
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eps = _randn_like(x, generator)
             x = schedule.add_noise(x0, eps, _per_sample(ts[i + 1], x))
     return (x0, inputs) if return_inputs else x0

@@ -65,6 +65,11 @@ class Method:
         """The network used for sampling and evaluation (an EMA copy when there is one)."""
         raise NotImplementedError
 
+    def to(self, device: Any) -> "Method":
+        """Move what the method holds besides its players (frozen teachers, precomputed tensors) to ``device``;
+        the loop calls it once Accelerate has chosen the device."""
+        return self
+
     def extra_state(self) -> dict[str, Any]:
         """State other than the players' (saved in checkpoints); tensors and plain Python values only."""
         return {}

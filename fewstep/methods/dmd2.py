@@ -108,7 +108,6 @@ class DMD2Method(Method):
     Args:
         teacher: the frozen teacher denoiser (the real score).
         cfg: the DMD2 config.
-        num_classes: classes of the data (0: unconditional).
     """
 
     def __init__(self, teacher: Denoiser, cfg: DMD2Config) -> None:
@@ -138,6 +137,12 @@ class DMD2Method(Method):
         self.pairs: tuple[Tensor, Tensor, Tensor | None] | None = None
         if cfg.regression:
             self.pairs = self._regression_pairs()
+
+    def to(self, device: Any) -> "DMD2Method":
+        self.teacher.to(device)
+        if self.pairs is not None:
+            self.pairs = tuple(None if p is None else p.to(device) for p in self.pairs)  # type: ignore[assignment]
+        return self
 
     # --- schedule of updates ------------------------------------------------------------------------------------
     def updates(self, it: int) -> list[str]:
@@ -178,7 +183,9 @@ class DMD2Method(Method):
         images = []
         for i in range(0, len(z), 256):
             cond = None if labels is None else labels[i : i + 256]
-            images.append(teacher_sample(self.real, z[i : i + 256], cfg.regression_teacher_steps, "heun", cond=cond))
+            # trailing spacing: the ODE starts at t = T-1, where the generator sees the same z
+            images.append(teacher_sample(self.real, z[i : i + 256], cfg.regression_teacher_steps, "heun", cond=cond,
+                                         spacing="trailing"))
         return z, torch.cat(images), labels
 
     # --- losses -------------------------------------------------------------------------------------------------
@@ -207,12 +214,12 @@ class DMD2Method(Method):
             stats["gan_g"] = g_loss.detach()
         if self.pairs is not None:
             z, y, labels = self.pairs
-            idx = torch.randint(0, len(z), (n,), device="cpu")
-            zc = z[idx].to(device)
-            c = None if labels is None else labels[idx].to(device)
+            idx = torch.randint(0, len(z), (n,), device=z.device)
+            zc = z[idx]
+            c = None if labels is None else labels[idx]
             _, s0 = self.schedule.alpha_sigma(self.timesteps[:1])
             pred = gen(zc * s0.to(device), self.timesteps[0].to(device).expand(n), c)
-            reg = F.mse_loss(pred, y[idx].to(device))
+            reg = F.mse_loss(pred, y[idx])
             loss = loss + self.cfg.regression_weight * reg
             stats["regression"] = reg.detach()
         return loss, stats

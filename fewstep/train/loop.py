@@ -270,6 +270,7 @@ def train(
         if name in emas:
             emas[name].to(accelerator.device)
             player.ema = emas[name].module
+    method.to(accelerator.device)  # frozen teachers and precomputed tensors
 
     # State that checkpoints carry besides the players.
     start, elapsed_before, nonfinite_total, consecutive_bad = 0, 0.0, 0, 0
