@@ -45,7 +45,21 @@ def average(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_results(name: str, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
-    return atomic_write_json(RESULTS / f"{name}.json", {"meta": meta_, "rows": rows})
+    """Write ``results/<name>.json``. Rows of data sets this run did not measure are kept from the earlier file
+    (with the earlier run's command recorded under ``meta.earlier``), so per-data runs add up to one result."""
+    import json
+
+    path = RESULTS / f"{name}.json"
+    ran = {r["data"] for r in rows}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        kept = [r for r in old.get("rows", []) if r.get("data") not in ran]
+        if kept:
+            earlier = {k: v for k, v in old.get("meta", {}).items() if k != "earlier"}
+            earlier["data"] = sorted({r["data"] for r in kept})
+            meta_ = {**meta_, "earlier": [earlier, *old.get("meta", {}).get("earlier", [])]}
+            rows = kept + rows
+    return atomic_write_json(path, {"meta": meta_, "rows": rows})
 
 
 def fmt(v: Any, std: Any = None) -> str:

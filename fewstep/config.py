@@ -87,7 +87,7 @@ class TeacherConfig(BaseModel):
 
 
 def _default_distill_loop() -> LoopConfig:
-    return LoopConfig(iterations=1500, batch_size=64, checkpoint_every=500, log_every=25, sample_every=250)
+    return LoopConfig(iterations=1500, batch_size=64, checkpoint_every=500, log_every=50, sample_every=250)
 
 
 class DMD2Config(BaseModel):
@@ -117,11 +117,11 @@ class DMD2Config(BaseModel):
     regression_teacher_steps: int = Field(32, ge=1, description="Heun steps of the teacher when making regression pairs.")
     dm_t_range: tuple[float, float] = Field(
         (0.02, 0.98), description="Share of the time range the distribution matching loss draws t from (DMD2: 2%..98%).")
-    lr_generator: float = Field(5e-5, gt=0, description="AdamW learning rate of the generator.")
-    lr_fake: float = Field(5e-5, gt=0, description="AdamW learning rate of the fake score and GAN head.")
+    lr_generator: float = Field(1e-4, gt=0, description="AdamW learning rate of the generator.")
+    lr_fake: float = Field(1e-4, gt=0, description="AdamW learning rate of the fake score and GAN head.")
     adam_betas: tuple[float, float] = Field((0.0, 0.999), description="AdamW betas (both players).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (DMD2 reference: 0.01).")
-    warmup_iterations: int = Field(100, ge=0, description="Linear learning-rate warm-up (updates of each player).")
+    warmup_iterations: int = Field(20, ge=0, description="Linear learning-rate warm-up (updates of each player).")
     grad_clip: float | None = Field(10.0, gt=0, description="Max gradient norm (DMD2 reference: 10).")
     ema_decay: float | None = Field(
         None, ge=0, lt=1, description="EMA of the generator (None: sample the raw generator, as the DMD2 reference).")

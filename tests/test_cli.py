@@ -87,3 +87,40 @@ def test_eval_digits_json(capsys: pytest.CaptureFixture) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
     assert result["class_accuracy"] > 0.5  # the shipped teacher draws the digit it is asked for
+
+
+def test_distill_sample_eval_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert main(["distill", "--method", "dmd2", "--teacher", "grid25", "--iterations", "4", "--batch-size", "32",
+                 "--out", str(run)]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "student.safetensors", "student.json", "eval.json", "report.html"):
+        assert (run / name).is_file(), name
+    assert list((run / "checkpoints").glob("step_*.pt")) and list((run / "samples").glob("step_*.png"))
+    assert main(["sample", "--student", str(run), "--n", "50", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--n", "200", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["nfe"] == 1 and result["steps"] == 1
+    # a student samples in its own step count: asking for another is a clear error
+    proc = run_cli("eval", "--model", str(run), "--steps", "4")
+    assert_one_line_error(proc, "1 steps")
+    # the run directory is never overwritten
+    assert_one_line_error(run_cli("distill", "--teacher", "grid25", "--out", str(run)), "exists")
+
+
+def test_distill_bad_method(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("distill", "--method", "gan", "--out", str(tmp_path / "r")), "gan", "dmd2")
+
+
+def test_demo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--n", "100", "--distill-iterations", "3"]) == 0
+    report = tmp_path / "runs" / "demo" / "report.html"
+    text = report.read_text()
+    assert "DMD2 student" in text and "teacher" in text
+    rows = json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())
+    assert [r["nfe"] for r in rows if r["model"] == "teacher"] == [1, 2, 4, 8, 31, 63]
+    # a second demo never overwrites the first
+    assert main(["demo", "--n", "100", "--distill-iterations", "3"]) == 0
+    assert (tmp_path / "runs" / "demo-1" / "report.html").is_file() and report.read_text() == text

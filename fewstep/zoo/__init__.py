@@ -37,8 +37,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "prediction_type": "v_prediction",
             "lr": 1e-3,
             "ema_decay": 0.999,
-            "loop": {"iterations": 6000, "batch_size": 512, "seed": 0, "checkpoint_every": 2000, "log_every": 50,
-                     "sample_every": 2000},
+            "network": {"type": "mlp", "width": 256, "depth": 4},
+            "loop": {"iterations": 15000, "batch_size": 512, "seed": 0, "checkpoint_every": 5000, "log_every": 50,
+                     "sample_every": 5000},
         }
         for toy in TEACHERS[1:]
     },
