@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import average, markdown_table, meta, write_results  # noqa: E402
 
 from fewstep.api import evaluate, load_teacher  # noqa: E402
-from fewstep.distill import distill  # noqa: E402
+from fewstep.distillation import distill  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name: (steps, config overrides)

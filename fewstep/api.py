@@ -199,5 +199,8 @@ def evaluate(
     x, labels, timing = generate(model, n, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed)
     metrics = evaluate_samples(x, test, labels=labels)
     empty = dict.fromkeys(("fid", "precision", "recall", "class_accuracy"))
-    steps = getattr(model, "steps", steps or DEFAULT_STEPS)
+    if hasattr(model, "steps"):  # a student: its own steps, its own sampler
+        steps, sampler = model.steps, "student"
+    else:
+        steps = steps or DEFAULT_STEPS
     return {**empty, **metrics, **timing, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale, "n": n, "data": data}

@@ -206,7 +206,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_distill(a: argparse.Namespace) -> None:
-    from .distill import METHODS, distill, make_config
+    from .distillation import METHODS, distill, make_config
 
     _check_choice(a.method, tuple(METHODS), "method")
     out = Path(a.out)

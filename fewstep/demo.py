@@ -64,7 +64,7 @@ def run_demo(out: Path, n: int = 1000, seed: int = 0, distill_iterations: int = 
         save_grid(x[:100], out / rel, nrow=10)
         images.append((f"teacher, {sampler}, {steps} steps (NFE {timing['nfe']})", rel))
     # The distilled student: DMD2, one step, from the same teacher.
-    from .distill import distill
+    from .distillation import distill
 
     student = distill("digits", "dmd2", steps=1, out=out / "dmd2", iterations=distill_iterations, evaluate_n=0,
                       seed=seed)

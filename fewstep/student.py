@@ -43,7 +43,7 @@ class Student(nn.Module):
         return self.generator.num_classes
 
     @torch.no_grad()
-    def sample(self, n: int, labels: Tensor | None = None, seed: int = 0, z: Tensor | None = None) -> Tensor:
+    def sample(self, n: int, labels: Tensor | list[int] | None = None, seed: int = 0, z: Tensor | None = None) -> Tensor:
         """``n`` samples; ``labels`` are class indices for a class-conditional student (default: balanced)."""
         device = next(self.generator.parameters()).device
         gen = torch.Generator().manual_seed(seed)
@@ -51,6 +51,8 @@ class Student(nn.Module):
             z = torch.randn((n, *self.sample_shape), generator=gen)
         if labels is None and self.num_classes > 0:
             labels = torch.arange(n) % self.num_classes
+        elif labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long)
         was_training = self.generator.training
         self.generator.eval()  # the student as saved: no dropout, whatever mode training left it in
         try:

@@ -645,7 +645,7 @@ def _file_state(prefix: Path) -> dict:
 def test_distill_end_to_end(tmp_path):
     from fewstep import zoo
     from fewstep.api import load_model, load_teacher
-    from fewstep.distill import distill
+    from fewstep.distillation import distill
     from fewstep.student import Student
     from fewstep.train import list_checkpoints, load_checkpoint, read_metrics
 
@@ -702,7 +702,7 @@ def test_distill_end_to_end(tmp_path):
 def test_distill_two_step_student(tmp_path):
     from fewstep import zoo
     from fewstep.api import load_model
-    from fewstep.distill import distill
+    from fewstep.distillation import distill
 
     if not zoo.zoo_path("grid25").with_suffix(".safetensors").is_file():
         pytest.skip("the embedded grid25 teacher is not built")
@@ -719,7 +719,7 @@ def test_distill_two_step_student(tmp_path):
 
 def test_distill_student_samples_in_eval_mode(tmp_path):
     from fewstep import zoo
-    from fewstep.distill import distill
+    from fewstep.distillation import distill
 
     if not zoo.zoo_path("grid25").with_suffix(".safetensors").is_file():
         pytest.skip("the embedded grid25 teacher is not built")
