@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cfg-scale", type=float, default=1.0)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--inception", action="store_true",
+                    help="add Inception FID (weights: --inception-weights, $FEWSTEP_INCEPTION_WEIGHTS or the cache)")
+    ev.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
 
     # fewstep demo
     de = sub.add_parser("demo", help="the embedded default end to end: teacher, samples, evaluation, report")
@@ -195,7 +198,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     _check_choice(a.sampler, SAMPLERS, "sampler")
     model = load_model(a.model)
     result = evaluate(model, data=a.data, n=a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale,
-                      seed=a.seed)
+                      seed=a.seed, inception=a.inception, inception_weights=a.inception_weights)
     result = {"model": a.model, **result}
     if a.json:
         print(json.dumps(result))

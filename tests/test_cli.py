@@ -124,3 +124,9 @@ def test_demo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a second demo never overwrites the first
     assert main(["demo", "--n", "100", "--distill-iterations", "3"]) == 0
     assert (tmp_path / "runs" / "demo-1" / "report.html").is_file() and report.read_text() == text
+
+
+def test_inception_fid_names_the_missing_weights(tmp_path: Path) -> None:
+    missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    proc = run_cli("eval", "--model", "digits", "--n", "20", "--steps", "1", "--inception-weights", str(missing))
+    assert_one_line_error(proc, "pt_inception-2015-12-05-6726825d.pth")
