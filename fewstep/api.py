@@ -117,51 +117,42 @@ def generate(
     seed: int = 0,
     batch_size: int = 1000,
 ) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-    """Sample ``n`` items from a teacher; returns samples, labels and timing stats (``nfe``, ``seconds_per_1000``).
+    """Sample ``n`` items from a teacher or a student; returns samples, labels and timing stats (``nfe``,
+    ``seconds_per_1000``). A student samples in its own steps; ``sampler`` and ``cfg_scale`` are for teachers.
 
     ``nfe`` counts network evaluations per sample, CFG's unconditional branch included.
     """
     from .student import Student
 
-    if isinstance(model, Student):
-        return _generate_student(model, n, steps, labels, seed, batch_size)
-    steps = check_steps(DEFAULT_STEPS if steps is None else steps)
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     labels = _labels_for(model, n, labels)
-    den = guided(model, cfg_scale) if labels is not None else model
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *model.sample_shape), generator=gen)
+    if isinstance(model, Student):
+        if steps is not None and steps != model.steps:
+            raise UserError(f"this student samples in {model.steps} steps (its training timesteps); drop --steps "
+                            f"or pass --steps {model.steps}")
+        evals = model.steps
+
+        def run(z_b: Tensor, cond: Tensor | None) -> Tensor:
+            return model.sample(len(z_b), labels=cond, z=z_b, generator=gen)
+    else:
+        steps = check_steps(DEFAULT_STEPS if steps is None else steps)
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+        den = guided(model, cfg_scale) if labels is not None else model
+        evals = nfe(sampler, steps) * (2 if labels is not None and cfg_scale != 1.0 else 1)
+
+        def run(z_b: Tensor, cond: Tensor | None) -> Tensor:
+            return run_sampler(den, z_b, steps, sampler, cond=cond, generator=gen)
+
     out = []
     start = time.perf_counter()
     for i in range(0, n, batch_size):
-        cond = None if labels is None else labels[i : i + batch_size]
-        out.append(run_sampler(den, z[i : i + batch_size], steps, sampler, cond=cond, generator=gen))
+        out.append(run(z[i : i + batch_size], None if labels is None else labels[i : i + batch_size]))
     seconds = time.perf_counter() - start
-    evals = nfe(sampler, steps) * (2 if labels is not None and cfg_scale != 1.0 else 1)
     return torch.cat(out), labels, {"nfe": evals, "seconds_per_1000": seconds / n * 1000}
-
-
-def _generate_student(
-    student: Any, n: int, steps: int | None, labels: Any, seed: int, batch_size: int
-) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-    if steps is not None and steps != student.steps:
-        raise UserError(f"this student samples in {student.steps} steps (its training timesteps); drop --steps "
-                        f"or pass --steps {student.steps}")
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
-    labels = _labels_for(student, n, labels)
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, *student.sample_shape), generator=gen)
-    out = []
-    start = time.perf_counter()
-    for i in range(0, n, batch_size):
-        cond = None if labels is None else labels[i : i + batch_size]
-        out.append(student.sample(len(z[i : i + batch_size]), labels=cond, seed=seed + i, z=z[i : i + batch_size]))
-    seconds = time.perf_counter() - start
-    return torch.cat(out), labels, {"nfe": student.steps, "seconds_per_1000": seconds / n * 1000}
 
 
 def sample(model: Denoiser, n: int, **kwargs: Any) -> tuple[Tensor, Tensor | None]:

@@ -43,10 +43,20 @@ class Student(nn.Module):
         return self.generator.num_classes
 
     @torch.no_grad()
-    def sample(self, n: int, labels: Tensor | list[int] | None = None, seed: int = 0, z: Tensor | None = None) -> Tensor:
-        """``n`` samples; ``labels`` are class indices for a class-conditional student (default: balanced)."""
+    def sample(
+        self,
+        n: int,
+        labels: Tensor | list[int] | None = None,
+        seed: int = 0,
+        z: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``n`` samples; ``labels`` are class indices for a class-conditional student (default: balanced).
+
+        ``z`` (the initial noise) and ``generator`` (a CPU generator for ``z`` and the re-noising draws) default to
+        ones made from ``seed``."""
         device = next(self.generator.parameters()).device
-        gen = torch.Generator().manual_seed(seed)
+        gen = generator if generator is not None else torch.Generator().manual_seed(seed)
         if z is None:
             z = torch.randn((n, *self.sample_shape), generator=gen)
         if labels is None and self.num_classes > 0:

@@ -34,13 +34,6 @@ from fewstep.models import ClassUNet, PointMLP
 from fewstep.models.discriminators import FeatureHead
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks on a loaded 2-core machine: torch's intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SCHEDULES = {

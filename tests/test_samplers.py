@@ -46,13 +46,6 @@ class GaussianDenoiser:
         return a2 * self.mu + (v2 / v1).sqrt() * (x - a1 * self.mu)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small ops; on a loaded 2-core machine torch's intra-op threads make them 10-30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _noise(n, seed=0):

@@ -20,13 +20,6 @@ from fewstep.models import load_denoiser
 from fewstep.train import EMA, list_checkpoints, load_checkpoint, read_metrics, train, train_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks on a shared 2-core machine: intra-op threads only add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Mixture:
