@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from .config import DMD2Config, LoopConfig, load_config, validate_config
+from .config import LoopConfig, load_config, validate_config
 from .errors import UserError
 from .io import atomic_write_json
 from .student import Student, save_student
 
-METHODS = {"dmd2": DMD2Config}
+from .methods import METHOD_NAMES as METHODS, registry
 
 
 def make_config(
@@ -29,7 +29,7 @@ def make_config(
     ``loop``)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    cls = METHODS[method]
+    cls = registry()[method][0]
     if config is None:
         data: dict[str, Any] = {}
     elif isinstance(config, dict):
@@ -115,11 +115,10 @@ def distill(
                         f"makes {tuple(teacher_model.sample_shape)}")
     cfg = cfg.model_copy(update={"data": data_name})
 
-    from .methods.dmd2 import DMD2Method
-
+    method_cls = registry()[method][1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.loop.seed)
-        method_obj = DMD2Method(teacher_model, cfg)
+        method_obj = method_cls(teacher_model, cfg)
 
     def student_of() -> Student:
         return Student(method_obj.inference_model(), method_obj.timesteps)
