@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_teacher_train(a: argparse.Namespace) -> None:
     from .config import TeacherConfig, load_config, validate_config
     from .data import EMBEDDED_DATA
-    from .train.teacher import train_teacher
+    from .train.teacher import teacher_sample_writer, train_teacher
     from .zoo import PRESETS
 
     out = Path(a.out)
@@ -162,32 +162,19 @@ def _cmd_teacher_train(a: argparse.Namespace) -> None:
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return
-    model = train_teacher(cfg, out, resume=a.resume)
+    model = train_teacher(cfg, out, resume=a.resume, sample_fn=teacher_sample_writer(cfg.data))
     print(f"teacher written to {model}.safetensors")
-
-
-def _save_samples(x: Any, path: Path, data: str | None) -> None:
-    from .eval.images import save_grid, save_points
-
-    if x.ndim == 4:
-        save_grid(x, path)
-    else:
-        ref = None
-        if data:
-            from .data import load_data
-
-            ref = load_data(data, "test").x
-        save_points(x, path, reference=ref)
 
 
 def _cmd_teacher_sample(a: argparse.Namespace) -> None:
     from .api import generate, load_teacher, model_data
+    from .eval.images import save_samples
     from .diffusion.samplers import SAMPLERS
 
     _check_choice(a.sampler, SAMPLERS, "sampler")
     teacher = load_teacher(a.teacher)
     x, _, stats = generate(teacher, a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, seed=a.seed)
-    _save_samples(x, a.out, model_data(teacher))
+    save_samples(x, a.out, model_data(teacher))
     print(f"{a.n} samples ({a.sampler}, {a.steps} steps, NFE {stats['nfe']}) written to {a.out}")
 
 
@@ -229,10 +216,11 @@ def _cmd_distill(a: argparse.Namespace) -> None:
 
 def _cmd_sample(a: argparse.Namespace) -> None:
     from .api import generate, load_model, model_data
+    from .eval.images import save_samples
 
     model = load_model(a.student)
     x, _, stats = generate(model, a.n, seed=a.seed)
-    _save_samples(x, a.out, model_data(model))
+    save_samples(x, a.out, model_data(model))
     print(f"{a.n} samples (NFE {stats['nfe']}) written to {a.out}")
 
 

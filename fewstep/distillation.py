@@ -51,22 +51,13 @@ def make_config(
     return validate_config(cls, data, "config")
 
 
-def _sample_writer(student_of: Any, kind: str, data_name: str | None) -> Any:
-    from .eval.images import save_grid, save_points
-
-    reference = None
-    if kind == "points" and data_name:
-        from .data import load_data
-
-        reference = load_data(data_name, "test").x
+def _sample_writer(student_of: Any, data_name: str | None) -> Any:
+    from .eval.images import save_samples
 
     def write(step: int, path: Path) -> None:
         student = student_of()
-        x = student.sample(100 if kind == "image" else 2000, seed=1234)
-        if kind == "image":
-            save_grid(x, path, nrow=10)
-        else:
-            save_points(x, path, reference=reference, title=f"iteration {step}")
+        x = student.sample(100 if len(student.sample_shape) == 3 else 2000, seed=1234)
+        save_samples(x, path, data_name, title=f"iteration {step}")
 
     return write
 
@@ -123,7 +114,7 @@ def distill(
     def student_of() -> Student:
         return Student(method_obj.inference_model(), method_obj.timesteps)
 
-    sample_fn = _sample_writer(student_of, dataset.kind, data_name)
+    sample_fn = _sample_writer(student_of, data_name)
     train(method_obj, dataset, cfg.loop, out, resume=resume, sample_fn=sample_fn, config=cfg)
 
     from accelerate import PartialState

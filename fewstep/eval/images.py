@@ -140,3 +140,17 @@ def plot_curves(
     if title:
         ax.set_title(title, fontsize=10)
     return _save_figure(fig, path)
+
+
+def save_samples(
+    x: Tensor | np.ndarray, path: str | os.PathLike, data: str | None = None, title: str | None = None
+) -> Path:
+    """Images as a grid (10 per row), points as a scatter over the held-out split of ``data`` when given."""
+    if np.ndim(x) == 4:
+        return save_grid(x, path, nrow=10)
+    reference = None
+    if data:
+        from ..data import load_data
+
+        reference = load_data(data, "test").x
+    return save_points(x, path, reference=reference, title=title)

@@ -149,6 +149,20 @@ def build_teacher_denoiser(cfg: TeacherConfig, sample_shape: tuple[int, ...]) ->
     return Denoiser(net, schedule, cfg.prediction_type, tuple(sample_shape), num_classes)
 
 
+def teacher_sample_writer(data: str | None, steps: int = 16, sampler: str = "heun") -> Callable[[Denoiser, Path], None]:
+    """A ``sample_fn`` for :func:`train_teacher`: a grid of 100 images (10 per class) or a 2,000-point scatter."""
+
+    def write(denoiser: Denoiser, path: Path) -> None:
+        from ..api import generate
+        from ..eval.images import save_samples
+
+        n = 100 if len(denoiser.sample_shape) == 3 else 2000
+        x, _, _ = generate(denoiser, n, steps=steps, sampler=sampler, seed=1234)
+        save_samples(x, path, data, title=f"{sampler}, {steps} steps")
+
+    return write
+
+
 def train_teacher(
     cfg: TeacherConfig,
     out_dir: str | Path,

@@ -66,12 +66,12 @@ def require(name: str) -> Path:
 def build_teacher(name: str, work_dir: Path, resume: bool = False) -> Path:
     """Train the embedded teacher ``name`` from its preset in ``work_dir`` and copy the result into the zoo."""
     from ..config import TeacherConfig
-    from ..train.teacher import train_teacher
+    from ..train.teacher import teacher_sample_writer, train_teacher
 
     if name not in PRESETS:
         raise UserError(f"unknown embedded teacher {name!r}; choose from {', '.join(TEACHERS)}")
     cfg = TeacherConfig.model_validate(PRESETS[name])
-    model = train_teacher(cfg, work_dir, resume=resume)
+    model = train_teacher(cfg, work_dir, resume=resume, sample_fn=teacher_sample_writer(cfg.data))
     desc = json.loads(model.with_suffix(".json").read_text())
     desc["meta"]["command"] = build_command(name)
     atomic_write_bytes(zoo_path(name).with_suffix(".safetensors"), model.with_suffix(".safetensors").read_bytes())
