@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # fewstep distill
     di = sub.add_parser("distill", help="distill a teacher into a few-step student")
-    di.add_argument("--method", default="dmd2", help="dmd2")
+    di.add_argument("--method", default="dmd2", help="dmd2 or disback")
+    di.add_argument("--base", default=None, help="disback: the score-distillation method it wraps (dmd2 or add)")
+    di.add_argument("--path-cache", default=None, help="disback: a folder where degradation paths are shared")
     di.add_argument("--teacher", default=None, help="embedded name or teacher run directory (default: digits)")
     di.add_argument("--data", default=None, help="real data (default: the teacher's training data)")
     di.add_argument("--steps", type=_positive_int("--steps"), default=None, help="student steps, 1..8 (default 1)")
@@ -204,6 +206,11 @@ def _cmd_distill(a: argparse.Namespace) -> None:
         raise UserError(f"{out} already exists; pass --resume to continue it or choose a new --out")
     options = dict(teacher=a.teacher, data=a.data, steps=a.steps, iterations=a.iterations, batch_size=a.batch_size,
                    seed=a.seed, guidance_scale=a.guidance_scale)
+    if a.method == "disback":
+        _check_choice(a.base or "dmd2", ("dmd2", "add"), "--base")
+        options.update(base=a.base, path_dir=a.path_cache)
+    elif a.base is not None or a.path_cache is not None:
+        raise UserError(f"--base and --path-cache are DisBack options; add --method disback or drop them")
     if a.dry_run:
         import yaml
 

@@ -44,6 +44,9 @@ def make_config(
             continue
         if key in LoopConfig.model_fields:
             loop[key] = value
+        elif key not in cls.model_fields and "base" in cls.model_fields:  # a wrapper (DisBack): the base's option
+            base = data.get("base") or overrides.get("base") or cls.model_fields["base"].default
+            data[base] = {**(data.get(base) or {}), key: value}
         else:
             data[key] = value
     if loop:
@@ -77,7 +80,7 @@ def distill(
     Args:
         teacher: an embedded teacher name or a ``fewstep teacher train`` run directory (default: the config's,
             else ``digits``).
-        method: ``dmd2``.
+        method: ``dmd2`` or ``disback`` (which wraps ``dmd2`` or ``add``; see its config's ``base``).
         steps: student sampling steps (1..8).
         out: the run directory (must not exist unless ``resume``).
         config: a YAML file or dict of the method's config (see ``configs/``).

@@ -11,9 +11,10 @@ from typing import Any
 def registry() -> dict[str, tuple[type, Any]]:
     """``{name: (config class, method class)}``; imported lazily so that ``fewstep --help`` stays fast."""
     from ..config import DMD2Config
+    from .disback import DisBackConfig, DisBackMethod
     from .dmd2 import DMD2Method
 
-    return {"dmd2": (DMD2Config, DMD2Method)}
+    return {"dmd2": (DMD2Config, DMD2Method), "disback": (DisBackConfig, DisBackMethod)}
 
 
-METHOD_NAMES = ("dmd2",)
+METHOD_NAMES = ("dmd2", "disback")

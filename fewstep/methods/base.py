@@ -9,6 +9,7 @@ logs, checkpoints and resumes. Teacher training is the one-player method :class:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +53,8 @@ class Method:
 
     #: players by name, in the order they are saved
     players: dict[str, Player]
+    #: the run directory, set by the loop before :meth:`to` (methods that store artefacts there read it)
+    run_dir: "Path | None" = None
 
     def updates(self, it: int) -> list[str]:
         """The players that take an optimizer step at iteration ``it``, in order (default: all, every iteration)."""

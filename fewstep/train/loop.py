@@ -270,6 +270,7 @@ def train(
         if name in emas:
             emas[name].to(accelerator.device)
             player.ema = emas[name].module
+    method.run_dir = run_dir
     method.to(accelerator.device)  # frozen teachers and precomputed tensors
 
     # State that checkpoints carry besides the players.

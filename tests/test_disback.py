@@ -1,0 +1,470 @@
+"""DisBack: the degradation path (it really degrades, it is cached and reused, a different teacher invalidates it),
+the backtracking schedule (reverse order, switching by count and by threshold, every switch loading exactly the
+intended checkpoint, the fake score starting from ``D^(N)``, the stage surviving a resume), the config, and
+``fewstep.distill`` end to end with the method registered for the test.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from fewstep.config import LoopConfig, validate_config
+from fewstep.diffusion.denoiser import CFGDenoiser, Denoiser
+from fewstep.diffusion.samplers import sample, sample_student, student_timesteps
+from fewstep.diffusion.schedule import DDPMSchedule
+from fewstep.errors import UserError
+from fewstep.methods.base import Batch
+from fewstep.methods.disback import (
+    Backtrack,
+    DisBackConfig,
+    DisBackMethod,
+    RecordSettings,
+    open_degradation_path,
+    path_key,
+    record_degradation_path,
+)
+from fewstep.methods.dmd2 import _unwrap
+from fewstep.models import ClassUNet, PointMLP
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------------------------
+def point_teacher(seed: int = 0) -> Denoiser:
+    torch.manual_seed(seed)
+    return Denoiser(PointMLP(width=32, depth=2), DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (2,))
+
+
+def image_teacher(seed: int = 0) -> Denoiser:
+    torch.manual_seed(seed)
+    net = ClassUNet(base_channels=8, num_classes=10, resolution=8)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    return Denoiser(net, DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (1, 8, 8), num_classes=10)
+
+
+def disback(teacher: Denoiser, path_dir: Path, seed: int = 0, dmd2: dict | None = None, **cfg) -> DisBackMethod:
+    cfg.setdefault("record_checkpoints", 3)
+    cfg.setdefault("record_every", 4)
+    cfg.setdefault("record_lr", 1e-2)  # big steps: consecutive checkpoints clearly differ
+    cfg.setdefault("loop", LoopConfig(batch_size=16, progress=False))
+    if cfg.get("base", "dmd2") == "dmd2":
+        cfg["dmd2"] = dmd2 or {"gan": False}
+    torch.manual_seed(seed)
+    return DisBackMethod(teacher, DisBackConfig(path_dir=str(path_dir), **cfg))
+
+
+def point_batch(n: int = 16, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(n, 2, generator=g) * 0.5 + 0.3)
+
+
+def net_state(den: Denoiser) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in den.net.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].cpu(), b[k].cpu()), k
+
+
+def states_differ(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def grid25_teacher() -> Denoiser:
+    from fewstep import zoo
+    from fewstep.api import load_teacher
+
+    if not zoo.zoo_path("grid25").with_suffix(".safetensors").is_file():
+        pytest.skip("the embedded grid25 teacher is not built")
+    return load_teacher("grid25")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. The degradation path
+# ------------------------------------------------------------------------------------------------------------------
+def test_recorded_path_degrades_from_teacher_to_initial_generator(tmp_path):
+    """Along D^(0..N) the denoising loss rises on teacher samples and falls on initial-generator samples."""
+    teacher = grid25_teacher()
+    ts = student_timesteps(teacher.schedule, 1)
+    settings = RecordSettings(checkpoints=4, every=10, lr=1e-3, batch_size=256)
+    path = record_degradation_path(teacher, teacher, ts, settings, tmp_path)
+    assert path.recorded and path.checkpoints == 4
+    assert path.dir == tmp_path / path.key
+
+    g = torch.Generator().manual_seed(5)
+    n = 2048
+    x_teacher = sample(teacher, torch.randn(n, 2, generator=g), 16, "ddim")
+    x_generator = sample_student(teacher, torch.randn(n, 2, generator=g), ts)  # the initial generator = the teacher
+    t = teacher.schedule.sample_train_t(n, generator=g)
+    eps = torch.randn(n, 2, generator=g)
+    probe = copy.deepcopy(teacher)
+    on_teacher, on_generator = [], []
+    for k in range(path.checkpoints + 1):
+        path.load_into(probe, k)
+        with torch.no_grad():
+            on_teacher.append(probe.denoising_loss(x_teacher, t, eps).mean().item())
+            on_generator.append(probe.denoising_loss(x_generator, t, eps).mean().item())
+    assert all(a < b for a, b in zip(on_teacher, on_teacher[1:])), on_teacher
+    assert all(a > b for a, b in zip(on_generator, on_generator[1:])), on_generator
+    # D^(0) is the teacher, bit for bit
+    assert_same_state(path.state(0), teacher.net.state_dict())
+
+
+def test_path_files_are_safetensors_and_loadable_teachers(tmp_path):
+    from fewstep.api import load_teacher
+
+    teacher = point_teacher()
+    ts = student_timesteps(teacher.schedule, 2)
+    path = record_degradation_path(teacher, teacher, ts, RecordSettings(2, 3, 1e-2, 8), tmp_path)
+    info = json.loads((path.dir / "path.json").read_text())
+    assert info["key"] == path.key and info["checkpoints"] == 2 and len(info["recording_loss"]) == 2
+    assert info["files"] == ["step_001.safetensors", "step_002.safetensors"]
+    assert not list(path.dir.glob(".*.tmp"))  # atomic writes leave no temporaries
+    for k in (1, 2):
+        loaded = load_teacher(path.file(k))
+        assert_same_state(loaded.net.state_dict(), load_file(str(path.file(k))))
+    # the teacher itself is never touched
+    assert not any(p.grad is not None for p in teacher.parameters())
+
+
+def test_cache_is_reused_and_invalidated(tmp_path):
+    teacher = point_teacher()
+    ts = student_timesteps(teacher.schedule, 1)
+    settings = RecordSettings(2, 3, 1e-2, 8)
+    first = record_degradation_path(teacher, teacher, ts, settings, tmp_path)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in first.dir.iterdir()}
+
+    again = record_degradation_path(teacher, teacher, ts, settings, tmp_path)
+    assert first.recorded and not again.recorded
+    assert again.dir == first.dir
+    assert {p.name: p.stat().st_mtime_ns for p in again.dir.iterdir()} == mtimes  # nothing rewritten
+
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3  # one weight differs
+    changed = record_degradation_path(other, other, ts, settings, tmp_path)
+    assert changed.recorded and changed.key != first.key
+    # the generator, its timesteps and every recording setting are in the key too
+    keys = {first.key, changed.key,
+            path_key(teacher, other, ts, settings),
+            path_key(teacher, teacher, student_timesteps(teacher.schedule, 2), settings),
+            path_key(teacher, teacher, ts, RecordSettings(2, 3, 1e-2, 8, seed=1)),
+            path_key(teacher, teacher, ts, RecordSettings(3, 3, 1e-2, 8))}
+    assert len(keys) == 6
+    # an unfinished recording (no manifest) is not a cache hit
+    (first.dir / "path.json").unlink()
+    assert open_degradation_path(tmp_path, first.key, teacher) is None
+    assert record_degradation_path(teacher, teacher, ts, settings, tmp_path).recorded
+
+
+def test_second_run_reuses_the_path_without_retraining(tmp_path):
+    teacher = point_teacher()
+    m1 = disback(teacher, tmp_path / "cache")
+    m1.to("cpu")
+    assert m1.path.recorded
+    m2 = disback(teacher, tmp_path / "cache", seed=1, loop=LoopConfig(batch_size=16, seed=3, progress=False))
+    m2.to("cpu")
+    assert not m2.path.recorded and m2.path.dir == m1.path.dir  # another distillation seed, the same path
+    m3 = disback(point_teacher(seed=1), tmp_path / "cache")
+    m3.to("cpu")
+    assert m3.path.recorded and m3.path.key != m1.path.key
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. Backtracking
+# ------------------------------------------------------------------------------------------------------------------
+def test_backtrack_order_and_count_switching():
+    b = Backtrack(checkpoints=4, every=3)
+    assert b.order() == [3, 2, 1, 0]
+    seen = []
+    for it in range(16):
+        b.advance(it)
+        seen.append(b.target_index)
+    assert seen == [3, 3, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert b.switches == [(3, 1), (6, 2), (9, 3)]  # every stage is reached, the teacher kept to the end
+    # a jump (a resumed loop, a caller skipping iterations) lands on the stage the iteration belongs to
+    j = Backtrack(checkpoints=4, every=3)
+    j.advance(7)
+    assert j.stage == 2 and j.stage_start == 6
+
+
+def test_backtrack_threshold_switching():
+    b = Backtrack(checkpoints=3, every=None, threshold=1.0, window=2)
+    assert not b.advance(0)
+    b.observe(3.0)
+    b.observe(0.5)  # mean 1.75: stay
+    assert not b.advance(1) and b.stage == 0
+    b.observe(0.9)  # last two: 0.5, 0.9 -> 0.7 < 1
+    assert b.advance(2) and b.stage == 1 and b.stage_start == 2 and b.recent == []
+    b.observe(0.1)  # one value: the window is not full yet
+    assert not b.advance(3)
+    b.observe(0.1)
+    assert b.advance(4) and b.stage == 2 and b.final
+    b.observe(0.0)
+    b.observe(0.0)
+    assert not b.advance(5) and b.stage == 2
+    # count and threshold together: whichever comes first
+    both = Backtrack(checkpoints=3, every=10, threshold=1.0, window=1)
+    both.observe(0.5)
+    assert both.advance(1) and both.stage == 1 and both.stage_start == 1
+    assert not both.advance(10) and both.advance(11) and both.stage == 2
+
+
+def test_every_switch_loads_the_intended_checkpoint(tmp_path):
+    teacher = point_teacher()
+    teacher_before = net_state(teacher)
+    m = disback(teacher, tmp_path, record_checkpoints=3, switch_every=2, dmd2={"gan": False, "guidance_scale": 1.0})
+    m.to("cpu")
+    n = m.path.checkpoints
+    files = {k: load_file(str(m.path.file(k))) for k in range(1, n + 1)}
+    files[0] = teacher_before
+    assert all(states_differ(files[k], files[k + 1]) for k in range(n))  # the test can tell them apart
+    # the wrapped method's real score is the one frozen target copy, not the teacher
+    assert m.base.teacher is m.target and m.base.real is m.target and m.target is not teacher
+    assert not any(p.requires_grad for p in m.target.parameters())
+    # the fake score starts from D^(N)
+    fake = _unwrap(m.players["guidance"].module).fake
+    assert_same_state(fake.net.state_dict(), files[n])
+
+    loaded = []
+    for it in range(9):
+        m.updates(it)
+        k = m.backtrack.target_index
+        assert_same_state(m.target.net.state_dict(), files[k])
+        loaded.append(k)
+    assert loaded == [2, 2, 1, 1, 0, 0, 0, 0, 0]  # D^(N-1), ..., D^(0) = the teacher
+    assert_same_state(net_state(teacher), teacher_before)  # never modified
+
+
+def test_cfg_real_score_wraps_the_target_and_the_null_class_degrades(tmp_path):
+    def build(dropout: float, path: Path) -> DisBackMethod:
+        m = disback(image_teacher(), path, record_checkpoints=2, record_every=2, switch_every=1,
+                    record_batch_size=32, record_label_dropout=dropout, dmd2={"gan": False, "guidance_scale": 2.0},
+                    loop=LoopConfig(batch_size=4, progress=False))
+        m.to("cpu")
+        return m
+
+    m = build(0.5, tmp_path / "a")
+    assert isinstance(m.base.real, CFGDenoiser) and m.base.real.denoiser is m.target
+    m.updates(0)
+    assert_same_state(m.target.net.state_dict(), load_file(str(m.path.file(1))))
+    # CFG's unconditional branch degrades too: the null class's embedding (row num_classes) is trained on the
+    # generator's samples when labels are dropped, and untouched when they never are
+    null_row = lambda state: state["embed.class_emb.weight"][10]  # noqa: E731
+    teacher_null = null_row(m.path.state(0))
+    assert not torch.equal(null_row(m.path.state(2)), teacher_null)
+    kept = build(0.0, tmp_path / "b")
+    assert torch.equal(null_row(kept.path.state(2)), teacher_null)
+    assert not torch.equal(kept.path.state(2)["embed.class_emb.weight"][:10], m.path.state(0)["embed.class_emb.weight"][:10])
+
+
+def test_dm_loss_measures_the_current_target(tmp_path):
+    m = disback(point_teacher(), tmp_path, record_checkpoints=2, switch_every=3, dmd2={"gan": False, "ttur": 1})
+    m.to("cpu")
+    fake = _unwrap(m.players["guidance"].module).fake
+    batch = point_batch()
+    m.updates(0)
+    torch.manual_seed(0)
+    _, stats = m.loss("generator", batch, 0)
+    assert stats["stage"] == 0.0 and stats["score_mismatch"] > 0  # target D^(1), fake D^(2)
+    m.path.load_into(fake, 1)  # the fake equal to the current target: no mismatch, no gradient
+    torch.manual_seed(0)
+    loss, stats = m.loss("generator", batch, 0)
+    assert float(stats["score_mismatch"]) == 0.0 and float(stats["dm"]) == 0.0
+    for it in range(1, 4):
+        m.updates(it)
+    torch.manual_seed(0)
+    _, stats = m.loss("generator", batch, 3)
+    assert stats["stage"] == 1.0 and stats["score_mismatch"] > 0  # now against the teacher
+
+
+def test_threshold_switching_in_the_method(tmp_path):
+    m = disback(point_teacher(), tmp_path, record_checkpoints=3, switch_every=None, switch_threshold=1e9,
+                switch_window=2, dmd2={"gan": False, "ttur": 1})
+    m.to("cpu")
+    batch = point_batch()
+    stages = []
+    for it in range(7):
+        for player in m.updates(it):
+            m.loss(player, batch, it)
+        stages.append(m.backtrack.stage)
+    # a generator update every iteration; two measured mismatches fill the window, then the next iteration switches
+    assert stages == [0, 0, 1, 1, 2, 2, 2]
+    assert_same_state(m.target.net.state_dict(), m.path.state(0))
+    never = disback(point_teacher(), tmp_path, record_checkpoints=3, switch_every=None, switch_threshold=1e-12,
+                    switch_window=1, dmd2={"gan": False, "ttur": 1})
+    never.to("cpu")
+    for it in range(4):
+        for player in never.updates(it):
+            never.loss(player, batch, it)
+    assert never.backtrack.stage == 0
+
+
+def test_resume_restores_the_stage(tmp_path):
+    teacher = point_teacher()
+    m = disback(teacher, tmp_path, record_checkpoints=4, switch_every=2)
+    m.to("cpu")
+    for it in range(5):
+        m.updates(it)
+    assert m.backtrack.stage == 2
+    state = m.extra_state()
+    # through a checkpoint file, as the loop saves it (tensors and plain values only)
+    buf = tmp_path / "state.pt"
+    torch.save(state, buf)
+    state = torch.load(buf, weights_only=True)
+
+    again = disback(teacher, tmp_path, record_checkpoints=4, switch_every=2)
+    again.to("cpu")
+    assert not again.path.recorded and again.backtrack.stage == 0
+    again.load_extra_state(state)
+    assert again.backtrack.stage == 2 and again.backtrack.stage_start == 4
+    assert_same_state(again.target.net.state_dict(), load_file(str(again.path.file(1))))
+    again.updates(5)
+    assert again.backtrack.stage == 2  # the stage began at 4: it moves on at 6
+    again.updates(6)
+    assert again.backtrack.stage == 3
+    # a checkpoint made along another path is refused
+    other = disback(point_teacher(seed=2), tmp_path, record_checkpoints=4, switch_every=2)
+    with pytest.raises(UserError, match="degradation path"):
+        other.load_extra_state(state)
+
+
+def test_add_base_swaps_its_distillation_teacher(tmp_path):
+    pytest.importorskip("fewstep.methods.add")
+    teacher = point_teacher()
+    m = disback(teacher, tmp_path, dmd2=None, base="add", switch_every=1, record_checkpoints=2)
+    assert m.base.teacher is m.target and m.target is not teacher
+    if m.base.features is not None and hasattr(m.base.features, "denoiser"):
+        assert m.base.features.denoiser is teacher  # the discriminator's features keep the real teacher
+    m.to("cpu")
+    assert "guidance" not in m.players
+    batch = point_batch()
+    for it in range(3):
+        for player in m.updates(it):
+            _, stats = m.loss(player, batch, it)
+        assert_same_state(m.target.net.state_dict(), m.path.state(m.backtrack.target_index))
+    assert stats["stage"] == 1.0 and "score_mismatch" in stats and "distill_mse" in stats
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. The config
+# ------------------------------------------------------------------------------------------------------------------
+def test_config_shared_fields_and_base_sections():
+    cfg = DisBackConfig(teacher="grid25", steps=2, loop=LoopConfig(iterations=7))
+    assert cfg.dmd2 is not None and cfg.add is None
+    assert (cfg.dmd2.teacher, cfg.dmd2.steps, cfg.dmd2.loop.iterations) == ("grid25", 2, 7)
+    dumped = cfg.model_dump(mode="json")
+    assert "steps" not in dumped["dmd2"] and "loop" not in dumped["dmd2"]
+    assert DisBackConfig.model_validate(dumped) == cfg  # the resolved config.yaml reads back the same
+    with pytest.raises(UserError, match="dmd2.steps: set `steps` at the top level"):
+        validate_config(DisBackConfig, {"dmd2": {"steps": 2}})
+    with pytest.raises(UserError, match="base is 'dmd2'"):
+        validate_config(DisBackConfig, {"add": {}})
+    with pytest.raises(UserError, match="switch_every or switch_threshold"):
+        validate_config(DisBackConfig, {"switch_every": None})
+    with pytest.raises(UserError, match="nope"):
+        validate_config(DisBackConfig, {"nope": 1})
+    for name in ("digits", "grid25"):
+        data = yaml.safe_load((ROOT / "configs" / f"disback_{name}.yaml").read_text())
+        shipped = validate_config(DisBackConfig, data, name)
+        assert shipped.teacher == name and shipped.base == "dmd2"
+        dmd2 = yaml.safe_load((ROOT / "configs" / f"dmd2_{name}.yaml").read_text())
+        # the same DMD2 as the plain DMD2 config, so the two compare like for like
+        assert {k: v for k, v in dmd2.items() if k not in ("method", "teacher", "data", "steps", "loop")} == \
+            data["dmd2"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. End to end: fewstep.distill with the method registered for the test
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def registered(monkeypatch):
+    """``disback`` in the method registry, and the loop telling the method its run directory (the wiring the lead
+    adds to fewstep/methods/__init__.py and fewstep/train/loop.py)."""
+    import fewstep.distillation as distillation
+    import fewstep.train.loop as loop
+
+    base_registry = distillation.registry
+    monkeypatch.setattr(distillation, "registry",
+                        lambda: {**base_registry(), "disback": (DisBackConfig, DisBackMethod)})
+    monkeypatch.setattr(distillation, "METHODS", (*distillation.METHODS, "disback"))
+    real_train = loop.train
+
+    def train(method, dataset, cfg, run_dir, *args, **kwargs):
+        method.run_dir = Path(run_dir)
+        return real_train(method, dataset, cfg, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", train)
+
+
+def test_distill_end_to_end(tmp_path, registered):
+    from fewstep.distillation import distill
+    from fewstep.train import list_checkpoints, read_metrics
+
+    grid25_teacher()
+    out = tmp_path / "run"
+    common = dict(teacher="grid25", method="disback", out=out, batch_size=32, log_every=2, sample_every=0,
+                  checkpoint_every=6, progress=False, record_checkpoints=3, record_every=3, switch_every=4,
+                  dmd2={"ttur": 2})
+    distill(steps=1, iterations=12, evaluate_n=100, **common)
+
+    for name in ("config.yaml", "metrics.jsonl", "student.safetensors", "student.json", "eval.json", "report.html",
+                 "degradation_path.json"):
+        assert (out / name).is_file(), name
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000006.pt", "step_00000012.pt"]
+    pointer = json.loads((out / "degradation_path.json").read_text())
+    path_dir = out / "degradation_path" / pointer["key"]
+    assert Path(pointer["dir"]) == path_dir.resolve() and pointer["recorded_by_this_run"]
+    assert sorted(p.name for p in path_dir.glob("*.safetensors")) == [f"step_00{k}.safetensors" for k in (1, 2, 3)]
+    assert (path_dir / "path.json").is_file()
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["method"] == "disback" and resolved["data"] == "grid25" and "loop" not in resolved["dmd2"]
+
+    rows = read_metrics(out / "metrics.jsonl")
+    gen_rows = [r for r in rows if "generator/score_mismatch" in r]
+    assert gen_rows and all("generator/stage" in r for r in gen_rows)
+    # one generator update per logged window (ttur 2, log_every 2); the target moves every 4 iterations
+    assert [r["generator/stage"] for r in gen_rows] == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
+    report = (out / "report.html").read_text()
+    assert "generator/score_mismatch" in report and "generator/stage" in report
+    assert (out / "curves" / "generator_stage.png").is_file()
+
+    # resume: a run stopped at 6 and resumed to 12 equals the uninterrupted one, stage included
+    out2 = tmp_path / "resumed"
+    distill(steps=1, iterations=6, evaluate_n=0, **{**common, "out": out2})
+    distill(steps=1, iterations=12, evaluate_n=0, resume=True, **{**common, "out": out2})
+    assert not json.loads((out2 / "degradation_path.json").read_text())["recorded_by_this_run"]
+    a, b = load_file(str(out / "student.safetensors")), load_file(str(out2 / "student.safetensors"))
+    assert_same_state(a, b)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [strip(r) for r in read_metrics(out2 / "metrics.jsonl")] == [strip(r) for r in rows]
+
+
+def test_distill_shares_a_path_cache(tmp_path, registered):
+    from fewstep.distillation import distill
+
+    grid25_teacher()
+    cache = tmp_path / "cache"
+    common = dict(teacher="grid25", method="disback", batch_size=16, iterations=2, log_every=1, sample_every=0,
+                  progress=False, evaluate_n=0, record_checkpoints=2, record_every=2, path_dir=str(cache))
+    distill(out=tmp_path / "a", **common)
+    files = sorted(cache.glob("*/*.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    distill(out=tmp_path / "b", seed=1, **common)
+    assert sorted(cache.glob("*/*.safetensors")) == files and [p.stat().st_mtime_ns for p in files] == mtimes
+    assert not (tmp_path / "a" / "degradation_path").exists()
+    first = json.loads((tmp_path / "a" / "degradation_path.json").read_text())
+    second = json.loads((tmp_path / "b" / "degradation_path.json").read_text())
+    assert first["recorded_by_this_run"] and not second["recorded_by_this_run"]
+    assert first["dir"] == second["dir"]
