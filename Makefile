@@ -20,7 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/fewstep demo
+	# one intra-op thread: the embedded models are tiny and a second thread only adds contention
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/fewstep demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/teacher_nfe.py
