@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the embedded default end to end: teacher, samples, evaluation, report")
     de.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-N if taken)")
     de.add_argument("--n", type=_positive_int("--n"), default=1000, help="samples per evaluation")
-    de.add_argument("--distill-iterations", type=_positive_int("--distill-iterations"), default=600,
-                    help="DMD2 iterations of the demo's student (default 600)")
+    de.add_argument("--distill-iterations", type=_positive_int("--distill-iterations"), default=1500,
+                    help="DMD2 iterations of the demo's student (default 1500)")
 
     # fewstep zoo build | list
     zo = sub.add_parser("zoo", help="list or rebuild the shipped embedded weights")
