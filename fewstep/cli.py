@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # fewstep distill
     di = sub.add_parser("distill", help="distill a teacher into a few-step student")
-    di.add_argument("--method", default="dmd2", help="dmd2 or disback")
+    di.add_argument("--method", default="dmd2", help="dmd2, add or disback")
     di.add_argument("--base", default=None, help="disback: the score-distillation method it wraps (dmd2 or add)")
     di.add_argument("--path-cache", default=None, help="disback: a folder where degradation paths are shared")
     di.add_argument("--teacher", default=None, help="embedded name or teacher run directory (default: digits)")

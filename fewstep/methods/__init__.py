@@ -11,10 +11,11 @@ from typing import Any
 def registry() -> dict[str, tuple[type, Any]]:
     """``{name: (config class, method class)}``; imported lazily so that ``fewstep --help`` stays fast."""
     from ..config import DMD2Config
+    from .add import ADDConfig, ADDMethod
     from .disback import DisBackConfig, DisBackMethod
     from .dmd2 import DMD2Method
 
-    return {"dmd2": (DMD2Config, DMD2Method), "disback": (DisBackConfig, DisBackMethod)}
+    return {"dmd2": (DMD2Config, DMD2Method), "add": (ADDConfig, ADDMethod), "disback": (DisBackConfig, DisBackMethod)}
 
 
-METHOD_NAMES = ("dmd2", "disback")
+METHOD_NAMES = ("dmd2", "add", "disback")

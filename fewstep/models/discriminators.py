@@ -1,6 +1,8 @@
-"""Discriminator heads that sit on a denoiser's ``features(x_t, t, cond)`` (DMD2's GAN classifier, Lightning's D)."""
+"""Discriminator heads: on a denoiser's ``features(x_t, t, cond)`` (DMD2's GAN classifier, Lightning's D) and on a frozen
+feature network with projection conditioning, hinge loss and R1 on the heads' inputs (ADD)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,3 +49,131 @@ def nonsaturating_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
 def nonsaturating_g_loss(fake_logits: Tensor) -> Tensor:
     """Generator side: ``softplus(-h(fake))``."""
     return F.softplus(-fake_logits).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ADD: light heads on a frozen feature network, projection conditioning, hinge loss, R1 on the heads' inputs
+# ----------------------------------------------------------------------------------------------------------------
+class ProjectionHead(nn.Module):
+    """One light discriminator head ``D_k`` on features ``F_k`` of a frozen network (ADD sec. 3.2, after StyleGAN-T).
+
+    ``phi``: 1x1 conv -> GroupNorm -> LeakyReLU(0.2) -> 3x3 conv -> GroupNorm -> LeakyReLU(0.2) on maps
+    ``(B, C, H, W)`` (linear layers and one-group GroupNorm, i.e. LayerNorm, on vectors ``(B, C)``), averaged over space to ``phi(f)`` of width ``width``. The
+    output is the projection discriminator (Miyato & Koyama 2018, eq. 3)
+
+        ``D_k(f) = w^T phi(f) + b + <e(c) + P c_img, phi(f)> / sqrt(width)``
+
+    with ``e`` a learned class embedding (absent for an unconditional teacher) and ``P`` a learned linear map of the
+    L2-normalised image embedding ``c_img`` (absent with ``img_dim = 0``; a zero ``c_img`` -- ADD's ``s = T`` -- adds
+    nothing). The ``1 / sqrt(width)`` is StyleGAN-T's ``cmap`` scaling. GroupNorm (no batch statistics) keeps each
+    sample's logit a function of that sample alone, so R1 is a per-sample gradient.
+
+    Args:
+        channels: channels of the features.
+        spatial: 0 for vector features, else the map's side.
+        width: hidden width.
+        num_classes: classes of the condition (0 = none).
+        img_dim: width of ``c_img`` (0 = no image conditioning).
+    """
+
+    def __init__(self, channels: int, spatial: int = 0, width: int = 64, num_classes: int = 0, img_dim: int = 0):
+        super().__init__()
+        if spatial == 0:  # one group: a LayerNorm over the hidden units
+            self.phi = nn.Sequential(nn.Linear(channels, width), nn.GroupNorm(1, width), nn.LeakyReLU(0.2),
+                                     nn.Linear(width, width), nn.GroupNorm(1, width), nn.LeakyReLU(0.2))
+        else:
+            groups = max(1, min(8, width // 8))
+            self.phi = nn.Sequential(nn.Conv2d(channels, width, 1), nn.GroupNorm(groups, width), nn.LeakyReLU(0.2),
+                                     nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(groups, width),
+                                     nn.LeakyReLU(0.2))
+        self.out = nn.Linear(width, 1)
+        self.class_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None  # + the null class
+        self.img_proj = nn.Linear(img_dim, width, bias=False) if img_dim > 0 else None
+        self.width = width
+        self.config = {"channels": channels, "spatial": spatial, "width": width, "num_classes": num_classes,
+                       "img_dim": img_dim}
+
+    def forward(self, features: Tensor, labels: Tensor | None = None, c_img: Tensor | None = None) -> Tensor:
+        """One logit per sample, ``(B,)``."""
+        h = self.phi(features)
+        if h.ndim > 2:
+            h = h.flatten(2).mean(2)
+        logits = self.out(h).squeeze(1)
+        cmap = None
+        if self.class_embed is not None and labels is not None:
+            cmap = self.class_embed(labels.long())
+        if self.img_proj is not None and c_img is not None:
+            proj = self.img_proj(F.normalize(c_img.to(h.dtype), dim=1))
+            cmap = proj if cmap is None else cmap + proj
+        if cmap is not None:
+            logits = logits + (cmap * h).sum(1) / self.width**0.5
+        return logits
+
+
+class ADDDiscriminator(nn.Module):
+    """ADD's trainable discriminator: one :class:`ProjectionHead` per feature layer ``F_k``; the frozen feature network
+    stays outside (it is not trained and not saved with the heads).
+
+    ``forward`` is the discriminator's whole loss (DDP synchronises only through forward):
+    ``sum_k [hinge_d(D_k(F_k(x0)), D_k(F_k(x_hat)))] + gamma * sum_k R1_k`` (ADD eq. 3) with R1 taken w.r.t. the heads'
+    input features of real data (:func:`r1_penalty`).
+
+    Args:
+        shapes: per-sample shapes of the feature layers, ``(C, H, W)`` or ``(C,)``.
+        width: the heads' hidden width.
+        num_classes: classes of the condition (0 = unconditional).
+        img_dim: width of the image embedding ``c_img`` (0 = no image conditioning).
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]], width: int = 64, num_classes: int = 0, img_dim: int = 0):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            ProjectionHead(s[0], s[-1] if len(s) == 3 else 0, width, num_classes, img_dim) for s in shapes)
+
+    def logits(self, features: list[Tensor], labels: Tensor | None = None, c_img: Tensor | None = None) -> list[Tensor]:
+        """``[D_k(F_k)]``, each ``(B,)``."""
+        assert len(features) == len(self.heads), (len(features), len(self.heads))
+        return [head(f, labels, c_img) for head, f in zip(self.heads, features)]
+
+    def forward(
+        self,
+        real_features: list[Tensor],
+        fake_features: list[Tensor],
+        labels: Tensor | None = None,
+        c_img: Tensor | None = None,
+        r1_gamma: float = 0.0,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The discriminator loss and its parts (``hinge``, ``r1``, mean ``real_logit`` / ``fake_logit``)."""
+        r1_on = r1_gamma > 0 and torch.is_grad_enabled()
+        real_in = [f.detach().requires_grad_(r1_on) for f in real_features]
+        real = self.logits(real_in, labels, c_img)
+        fake = self.logits([f.detach() for f in fake_features], labels, c_img)
+        hinge = sum(hinge_d_loss(r, f) for r, f in zip(real, fake))
+        loss = hinge
+        stats = {"hinge": hinge.detach(), "real_logit": torch.stack([r.detach().mean() for r in real]).mean(),
+                 "fake_logit": torch.stack([f.detach().mean() for f in fake]).mean()}
+        if r1_on:
+            r1 = sum(r1_penalty(r, f) for r, f in zip(real, real_in))
+            loss = loss + r1_gamma * r1
+            stats["r1"] = r1.detach()
+        return loss, stats
+
+
+def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Discriminator side of the hinge loss (Lim & Ye 2017): ``mean max(0, 1 - D(real)) + mean max(0, 1 + D(fake))``."""
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def hinge_g_loss(fake_logits: Tensor) -> Tensor:
+    """Generator side of the hinge loss: ``-mean D(fake)`` (ADD eq. 2)."""
+    return -fake_logits.mean()
+
+
+def r1_penalty(logits: Tensor, inputs: Tensor) -> Tensor:
+    """R1 (Mescheder et al. 2018): ``mean_b || d D(inputs_b) / d inputs_b ||^2``, differentiable (create_graph).
+
+    ``inputs`` must require grad and each ``logits[b]`` depend on ``inputs[b]`` only (no batch statistics), so the
+    gradient of ``logits.sum()`` holds every sample's own gradient. ADD takes it w.r.t. each head's input features.
+    """
+    (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()

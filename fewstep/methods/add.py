@@ -1,0 +1,417 @@
+"""ADD: adversarial diffusion distillation (Sauer et al. 2023, SDXL-Turbo; METHODS.md, "ADD").
+
+Players: the **generator** ``G_theta`` (the student, initialised from the teacher) and the **discriminator**: light
+trainable heads ``D_phi,k`` on the features ``F_k`` of a frozen feature network ``F``
+(:mod:`fewstep.models.features`). The frozen teacher ``D_psi`` gives the score distillation target.
+
+* Student input (ADD sec. 3.1): real data ``x0``, ``s`` drawn uniformly from ``T_student = {tau_1..tau_n}``
+  (:func:`~fewstep.diffusion.samplers.student_timesteps` with ``n = student_times``; ``tau_1 = T - 1`` is pure
+  noise under zero terminal SNR), ``x_s = alpha_s x0 + sigma_s eps`` and ``x_hat = G(x_s, s, c)``. The student then
+  samples in ``steps`` steps from pure noise (1..4 for ADD's ``n = 4``).
+* Adversarial loss (ADD eq. 2-3, hinge): generator ``L_adv = -sum_k D_k(F_k(x_hat))``; discriminator
+  ``sum_k [max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_hat)))] + gamma R1`` with R1 on the heads' input
+  features of real data. Heads are projection-conditioned on the class and, for ``s < T``, on ``c_img``: the
+  feature network's pooled embedding of the real ``x0`` the student's input was made from (the same ``c_img``
+  conditions the real and the fake logit of a pair).
+* Score distillation loss (ADD eq. 4-5): ``x_hat_t = alpha_t sg(x_hat) + sigma_t eps'`` -- the teacher sees only the
+  diffused student sample -- ``x_psi = D_psi^w(x_hat_t, t, c)`` without gradient, and
+  ``L_distill = E[c(t) || x_hat - sg(x_psi) ||^2]`` (:func:`score_distillation_loss`).
+* Generator objective ``L_adv + lambda L_distill`` (``distill_weight``, 2.5 in the paper). Ablations: ``adversarial:
+  false`` (distillation only) and ``distill_weight: 0`` (adversarial only).
+
+The mathematics (weightings, the SDS equivalence, NFSD) are plain functions at the top of this module, tested in
+``tests/test_add.py``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from ..config import LoopConfig, _default_distill_loop
+from ..diffusion.denoiser import Denoiser, guided
+from ..diffusion.samplers import student_timesteps
+from ..diffusion.schedule import Schedule, bcast
+from ..errors import UserError
+from ..models.discriminators import ADDDiscriminator, hinge_g_loss
+from ..models.features import DIGITS_SHAPES, FeatureNetwork, build_feature_network
+from ..train.teacher import warmup_schedule
+from .base import Batch, Method, Player
+from .dmd2 import Generator, _unwrap
+
+WEIGHTINGS = ("exponential", "sds", "nfsd")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+def _default_add_loop() -> LoopConfig:
+    # the shared distillation loop (batch 64, checkpoints every 500, samples every 250), 1000 iterations
+    return _default_distill_loop().model_copy(update={"iterations": 1000})
+
+
+class ADDConfig(BaseModel):
+    """ADD (Sauer et al. 2023): a student trained on noised real data with a hinge GAN whose discriminator is light
+    heads on a frozen feature network, plus score distillation from the teacher. Ablations: ``distill_weight: 0``
+    (adversarial only) and ``adversarial: false`` (distillation only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["add"] = Field("add", description="The distillation method.")
+    teacher: str = Field("digits", description="Embedded teacher name or a run directory from `fewstep teacher train`.")
+    data: str | None = Field(
+        None, description="Real data the student is fed (noised) and the discriminator sees (default: the teacher's).")
+    steps: int = Field(
+        1, ge=1, le=8,
+        description="Student sampling steps from pure noise (trailing spacing: 1 = 999; 2 = 999 499; 4 = 999 749 499 "
+                    "249). Steps whose times lie in T_student (1, 2 and 4 with student_times 4) are the ones trained.")
+    student_times: int = Field(
+        4, ge=1, le=8,
+        description="n = |T_student|: training draws s uniformly from the n-step trailing grid (ADD: n = 4, "
+                    "999 749 499 249, the first one pure noise under zero terminal SNR).")
+    guidance_scale: float = Field(
+        1.0, ge=1.0,
+        description="CFG scale w of the teacher in x_psi (uncond + w (cond - uncond); 1 = none). NFSD uses it as its "
+                    "guidance scale s.")
+    adversarial: bool = Field(True, description="Train the discriminator and add L_adv (false: distillation only).")
+    distill_weight: float = Field(
+        2.5, ge=0, description="lambda in L = L_adv + lambda L_distill (ADD: 2.5; 0 = adversarial only).")
+    weighting: Literal["exponential", "sds", "nfsd"] = Field(
+        "exponential",
+        description="c(t) of L_distill: 'exponential' c = alpha_t (ADD's default); 'sds' c = alpha_t sigma_t / 2, "
+                    "whose gradient is DreamFusion's SDS with w(t) = sigma_t^2; 'nfsd' noise-free score distillation "
+                    "(Katzir et al. 2023) with the SDS weight -- the negative prompt is the null class "
+                    "(class-conditional teachers only).")
+    distill_t_range: tuple[float, float] = Field(
+        (0.02, 0.98),
+        description="Share of the time range t of L_distill is drawn from uniformly (2%..98%, as DMD2/SDS practice: "
+                    "the ends carry no signal -- sigma ~ 0 or alpha ~ 0).")
+    nfsd_t_split: float = Field(
+        0.2, gt=0, lt=1,
+        description="NFSD: below this share of the time range delta_D is the unconditional prediction, above it "
+                    "uncond - negative (Katzir et al.: t < 200 of 1000).")
+    feature_network: Literal["auto", "digits", "teacher", "random", "timm"] = Field(
+        "auto",
+        description="Frozen feature network of the discriminator: 'digits' (the embedded digits classifier: 3 conv "
+                    "layers + penultimate), 'teacher' (the teacher's encoder at a fixed small t, any data), 'random' "
+                    "(a fixed random MLP, points only), 'timm' (DINOv2/ViT from timm_model + feature_weights). "
+                    "'auto': digits for the digits data, random for points, else teacher. (On grid25 the random "
+                    "MLP covered 25/25 modes at 1 step where the teacher's encoder, nearly blind off the data, left "
+                    "a box of samples and 15/25.)")
+    feature_weights: str | None = Field(
+        None, description="Weights file of the feature network: the ViT's for 'timm' (required), the classifier's for "
+                          "'digits' (default: the shipped one).")
+    timm_model: str = Field("vit_small_patch14_dinov2.lvd142m", description="timm model name for feature_network 'timm'.")
+    timm_layers: int = Field(4, ge=1, description="'timm': how many evenly spaced ViT blocks the heads read.")
+    feature_resolution: int = Field(224, ge=14, description="'timm': the input side the ViT sees.")
+    feature_t: float = Field(
+        0.02, ge=0, le=1, description="'teacher': the fixed time of the encoder, as a share of the time range.")
+    image_conditioning: bool = Field(
+        True, description="Project the heads on c_img, the feature network's pooled embedding of x0, when s < T.")
+    head_width: int = Field(64, ge=8, description="Hidden width of each discriminator head.")
+    r1_gamma: float = Field(
+        1e-4, ge=0,
+        description="gamma of the R1 penalty on the heads' input features (ADD: ~1e-5, helpful above 128px). Ours "
+                    "sums ||dD_k/dF_k||^2 over the heads (~0.3-0.5 on digits), so 1e-4 keeps it a light safeguard; "
+                    "a trial with 0.1 was no better (digits 1-step FID 1.31 vs 1.24 at 600 iterations).")
+    lr_generator: float = Field(1e-4, gt=0, description="AdamW learning rate of the student.")
+    lr_discriminator: float = Field(
+        1e-3, gt=0, description="AdamW learning rate of the discriminator heads (light heads: 10x the student's).")
+    adam_betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas (both players; GAN practice).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_iterations: int = Field(20, ge=0, description="Linear learning-rate warm-up (updates of each player).")
+    grad_clip: float | None = Field(10.0, gt=0, description="Max gradient norm (None = no clipping).")
+    ema_decay: float | None = Field(
+        0.99, ge=0, lt=1,
+        description="EMA of the student, the network that is saved and sampled (None: the raw student). With the "
+                    "loop's (1+n)/(10+n) warm-up; on digits it takes the 1-step FID from ~1.7 to ~1.25 at 600 "
+                    "iterations by averaging out the GAN's oscillations.")
+    loop: LoopConfig = Field(default_factory=_default_add_loop, description="Training loop options.")
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> "ADDConfig":
+        if not self.adversarial and self.distill_weight == 0:
+            raise ValueError("adversarial: false with distill_weight: 0 leaves the student no loss; enable one")
+        lo, hi = self.distill_t_range
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"distill_t_range must satisfy 0 <= lo < hi <= 1, got {self.distill_t_range}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mathematics
+# ----------------------------------------------------------------------------------------------------------------
+def distillation_weight(alpha: Tensor, sigma: Tensor, weighting: str) -> Tensor:
+    """``c(t)`` of ADD's distillation loss, per sample.
+
+    * ``exponential``: ``c(t) = alpha_t`` (ADD sec. 3.3: higher noise levels contribute less).
+    * ``sds`` and ``nfsd``: ``c(t) = alpha_t sigma_t / 2``. Derivation (ADD appendix): with
+      ``x_t = alpha_t x_hat + sigma_t eps'`` the teacher's noise prediction is ``eps_hat = (x_t - alpha_t x_psi) /
+      sigma_t``, so ``eps_hat - eps' = (alpha_t / sigma_t)(x_hat - x_psi) = -(alpha_t / sigma_t)(x_psi - x_hat)``.
+      SDS (Poole et al. 2022, eq. 3) is ``grad_theta L_SDS = E[w(t)(eps_hat - eps') dx_hat/dtheta]`` with
+      DreamFusion's ``w(t) = sigma_t^2``; ours is ``grad_theta c(t)||x_hat - sg(x_psi)||^2 =
+      E[2 c(t)(x_hat - x_psi) dx_hat/dtheta]``. They are equal iff ``2 c(t) = w(t) alpha_t / sigma_t``, i.e.
+      ``c(t) = alpha_t w(t) / (2 sigma_t) = alpha_t sigma_t / 2``. (With CFG the same holds for the guided
+      ``eps_hat`` and ``x_psi``: both are the same affine map of each other at fixed ``x_t``.)
+    """
+    if weighting == "exponential":
+        return alpha
+    if weighting in ("sds", "nfsd"):
+        return alpha * sigma / 2
+    raise ValueError(f"unknown weighting {weighting!r}; use one of {WEIGHTINGS}")
+
+
+def distillation_loss(x_hat: Tensor, target: Tensor, c: Tensor) -> Tensor:
+    """``mean_b c_b * mean_dims (x_hat_b - sg(target_b))^2``: ADD eq. 4 with ``d = ||.||_2^2`` averaged over the
+    sample's dimensions (so the weight does not grow with resolution). Its gradient w.r.t. ``x_hat_b`` is
+    ``2 c_b (x_hat_b - target_b) / (B D)``."""
+    err = (x_hat.float() - target.detach().float()) ** 2
+    return (c.float() * err.flatten(1).mean(1)).mean()
+
+
+def nfsd_target(
+    x_hat: Tensor,
+    alpha: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    cond_x0: Tensor,
+    uncond_x0: Tensor,
+    neg_x0: Tensor,
+    small_t: Tensor,
+    scale: float,
+) -> Tensor:
+    """The regression target that turns ADD's loss (with the SDS ``c(t)``) into noise-free score distillation.
+
+    NFSD (Katzir et al. 2023, eq. 7-8) replaces SDS's ``eps_hat_w - eps'`` by ``delta_D + s delta_C`` with
+    ``delta_C = eps(x_t; c) - eps(x_t; null)`` and ``delta_D = eps(x_t; null)`` for small ``t`` (``t < 200``),
+    ``eps(x_t; null) - eps(x_t; neg)`` otherwise: ``grad = w(t)(delta_D + s delta_C) dx_hat/dtheta``. With the SDS
+    ``c(t)`` the loss has gradient ``w(t)(alpha/sigma)(x_hat - target)``, so ``target = x_hat - (sigma/alpha)(delta_D
+    + s delta_C)``; written with x0-predictions (``eps_a - eps_b = -(alpha/sigma)(D_a - D_b)`` at the same ``x_t``)
+    this is, without dividing by ``alpha`` where it vanishes,
+
+    * ``t >= split``: ``x_hat + (D_null - D_neg) + s (D_c - D_null)``;
+    * ``t <  split``: ``D_null + s (D_c - D_null) - (sigma/alpha) eps'`` (``x_t / alpha = x_hat + (sigma/alpha) eps'``).
+
+    For a class-conditional teacher the negative prompt is the null class (``neg_x0 = uncond_x0``), so above the split
+    only the guidance term ``s delta_C`` remains.
+
+    Args:
+        x_hat: the student samples (detached here).
+        alpha, sigma: per-sample ``alpha_t``, ``sigma_t``.
+        eps: the noise ``eps'`` of ``x_t``.
+        cond_x0, uncond_x0, neg_x0: the teacher's ``D(x_t, t, c)``, ``D(x_t, t, null)``, ``D(x_t, t, neg)``.
+        small_t: per-sample bool, ``t < split``.
+        scale: the guidance scale ``s``.
+    """
+    x_hat = x_hat.detach()
+    a, s = bcast(alpha, x_hat), bcast(sigma, x_hat)
+    guide = scale * (cond_x0 - uncond_x0)
+    large = x_hat + (uncond_x0 - neg_x0) + guide
+    small = uncond_x0 + guide - (s / a.clamp_min(1e-6)) * eps
+    return torch.where(small_t.reshape(-1, *([1] * (x_hat.ndim - 1))), small, large)
+
+
+def score_distillation_loss(
+    teacher: Denoiser,
+    x_hat: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    cond: Any = None,
+    weighting: str = "exponential",
+    guidance_scale: float = 1.0,
+    nfsd_split: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """ADD's score distillation loss for student samples ``x_hat`` at times ``t`` with noise ``eps'`` (caller-drawn).
+
+    ``x_hat_t = alpha_t sg(x_hat) + sigma_t eps'`` is all the teacher ever sees (a clean sample is out of its
+    distribution, ADD sec. 3.3); its prediction is taken without gradient, so the gradient reaches the student only
+    through the first argument of ``||x_hat - sg(x_psi)||^2``.
+
+    Args:
+        teacher: the frozen teacher denoiser (CFG is applied here with ``guidance_scale``).
+        x_hat: student samples (with gradient).
+        t: per-sample native times.
+        eps: ``eps'``, shaped like ``x_hat``.
+        cond: the condition (class labels), or None.
+        weighting: ``exponential``, ``sds`` or ``nfsd`` (:func:`distillation_weight`).
+        guidance_scale: the teacher's CFG scale ``w`` (NFSD's ``s``).
+        nfsd_split: NFSD's split time in native units (``t < split`` is "small").
+
+    Returns:
+        The loss and stats: ``distill`` (the loss) and ``distill_mse`` (the unweighted mean squared residual).
+    """
+    schedule: Schedule = teacher.schedule
+    alpha, sigma = (v.to(x_hat.device) for v in schedule.alpha_sigma(t))
+    x_t = schedule.add_noise(x_hat.detach(), eps, t)
+    with torch.no_grad():
+        if weighting == "nfsd":
+            if cond is None:
+                raise UserError("weighting 'nfsd' needs a class-conditional teacher (its condition and null class); "
+                                "use weighting: exponential or sds")
+            assert nfsd_split is not None
+            null = teacher.null_cond(cond)
+            both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+            cond_x0, uncond_x0 = both.chunk(2)
+            target = nfsd_target(x_hat, alpha, sigma, eps, cond_x0, uncond_x0, uncond_x0, t < nfsd_split,
+                                 guidance_scale)
+        else:
+            target = guided(teacher, guidance_scale)(x_t, t, cond)
+    c = distillation_weight(alpha, sigma, weighting)
+    loss = distillation_loss(x_hat, target, c)
+    mse = (x_hat.detach().float() - target.float()).pow(2).mean()
+    return loss, {"distill": loss.detach(), "distill_mse": mse}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------------------------
+class ADDMethod(Method):
+    """ADD as a method of the training loop (see the module docstring).
+
+    Each iteration the discriminator updates, then the student (1:1 alternation, as StyleGAN-T/ADD); each player's
+    loss draws its own ``s``, ``eps``, ``t``, ``eps'`` from the loop's per-iteration RNG state.
+
+    Args:
+        teacher: the frozen teacher denoiser.
+        cfg: the ADD config.
+    """
+
+    def __init__(self, teacher: Denoiser, cfg: ADDConfig) -> None:
+        self.cfg = cfg
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.schedule = teacher.schedule
+        self.timesteps = student_timesteps(self.schedule, cfg.steps)
+        self.train_timesteps = student_timesteps(self.schedule, cfg.student_times)
+        self.conditional = teacher.num_classes > 0
+        if cfg.weighting == "nfsd" and cfg.distill_weight > 0 and not self.conditional:
+            raise UserError("weighting 'nfsd' needs a class-conditional teacher (its condition and null class); "
+                            "use weighting: exponential or sds")
+        split = self.schedule.from_fraction(torch.tensor([cfg.nfsd_t_split]))
+        self.nfsd_split = float(split.round() if self.schedule.kind == "ddpm" else split)
+
+        g_mod = Generator(copy.deepcopy(teacher).train().requires_grad_(True))
+        self.features: FeatureNetwork | None = None
+        modules: dict[str, tuple[nn.Module, float]] = {"generator": (g_mod, cfg.lr_generator)}
+        if cfg.adversarial:
+            self.features = build_feature_network(
+                self._feature_network_name(), teacher, weights=cfg.feature_weights, teacher_t=cfg.feature_t,
+                timm_model=cfg.timm_model, timm_layers=cfg.timm_layers, resolution=cfg.feature_resolution,
+                seed=cfg.loop.seed)
+            shapes, img_dim = self.features.shapes(teacher.sample_shape)
+            disc = ADDDiscriminator(shapes, cfg.head_width, teacher.num_classes,
+                                    img_dim if cfg.image_conditioning else 0)
+            modules["discriminator"] = (disc, cfg.lr_discriminator)
+
+        def player(module: nn.Module, lr: float) -> Player:
+            opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(cfg.adam_betas),
+                                    weight_decay=cfg.weight_decay)
+            return Player(module, opt, warmup_schedule(opt, cfg.warmup_iterations), cfg.grad_clip,
+                          cfg.ema_decay if module is g_mod else None)
+
+        self.players = {name: player(m, lr) for name, (m, lr) in modules.items()}
+
+    def _feature_network_name(self) -> str:
+        name = self.cfg.feature_network
+        if name != "auto":
+            return name
+        shape = tuple(self.teacher.sample_shape)
+        if len(shape) == 1:
+            return "random"
+        data = self.cfg.data or (self.cfg.teacher if self.cfg.teacher == "digits" else None)
+        return "digits" if data == "digits" and shape in DIGITS_SHAPES else "teacher"
+
+    def to(self, device: Any) -> "ADDMethod":
+        self.teacher.to(device)
+        if self.features is not None:
+            self.features.to(device)
+        return self
+
+    # --- schedule of updates ------------------------------------------------------------------------------------
+    def updates(self, it: int) -> list[str]:
+        return ["discriminator", "generator"] if self.cfg.adversarial else ["generator"]
+
+    # --- pieces -------------------------------------------------------------------------------------------------
+    def _labels(self, batch: Batch) -> Tensor | None:
+        return batch.labels if self.conditional else None
+
+    def _student_input(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_s, s)``: ``s`` uniform over ``T_student`` per sample, ``x_s = alpha_s x0 + sigma_s eps``."""
+        ts = self.train_timesteps.to(x0.device)
+        s = ts[torch.randint(0, len(ts), (x0.shape[0],), device=x0.device)]
+        return self.schedule.add_noise(x0, torch.randn_like(x0), s), s
+
+    def _t_distill(self, n: int, device: Any) -> Tensor:
+        lo, hi = self.cfg.distill_t_range
+        t = self.schedule.from_fraction(lo + (hi - lo) * torch.rand(n, device=device)).to(device)
+        return t.round() if self.schedule.kind == "ddpm" else t
+
+    def _image_embedding(self, pooled: Tensor, s: Tensor) -> Tensor | None:
+        """``c_img`` of the real ``x0`` for samples with ``s < T``, zero where the student saw pure noise."""
+        if not self.cfg.image_conditioning:
+            return None
+        return pooled * (s < self.schedule.t_max).to(pooled.dtype)[:, None]
+
+    # --- losses -------------------------------------------------------------------------------------------------
+    def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
+        return self._generator_loss(batch) if player == "generator" else self._discriminator_loss(batch)
+
+    def _generator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
+        gen = self.players["generator"].module
+        cond = self._labels(batch)
+        x_s, s = self._student_input(batch.x0)
+        x_hat = gen(x_s, s, cond)
+        loss = x_hat.new_zeros(())
+        stats: dict[str, Any] = {}
+        if self.cfg.adversarial:
+            assert self.features is not None
+            disc = _unwrap(self.players["discriminator"].module)  # not updated here: bypass DDP
+            c_img = None
+            if self.cfg.image_conditioning:
+                with torch.no_grad():
+                    c_img = self._image_embedding(self.features(batch.x0)[1], s)
+            fake_layers, _ = self.features(x_hat)  # the frozen network passes the gradient to x_hat
+            logits = disc.logits(fake_layers, cond, c_img)
+            adv = sum(hinge_g_loss(lg) for lg in logits)
+            loss = loss + adv
+            stats["adv"] = adv.detach()
+        if self.cfg.distill_weight > 0:
+            t = self._t_distill(x_hat.shape[0], x_hat.device)
+            dist, dstats = score_distillation_loss(self.teacher, x_hat, t, torch.randn_like(x_hat), cond,
+                                                   self.cfg.weighting, self.cfg.guidance_scale, self.nfsd_split)
+            loss = loss + self.cfg.distill_weight * dist
+            stats.update(dstats)
+        stats["recon_mse"] = F.mse_loss(x_hat.detach().float(), batch.x0.float())  # how much of x0 survives s
+        return loss, stats
+
+    def _discriminator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
+        assert self.features is not None
+        gen = self.players["generator"].module
+        cond = self._labels(batch)
+        with torch.no_grad():
+            x_s, s = self._student_input(batch.x0)
+            x_hat = gen(x_s, s, cond)
+            real_layers, pooled = self.features(batch.x0)
+            fake_layers, _ = self.features(x_hat)
+        return self.players["discriminator"].module(real_layers, fake_layers, cond, self._image_embedding(pooled, s),
+                                                    self.cfg.r1_gamma)
+
+    # --- outputs ------------------------------------------------------------------------------------------------
+    def inference_model(self) -> Denoiser:
+        player = self.players["generator"]
+        module = player.ema if player.ema is not None else _unwrap(player.module)
+        return module.denoiser
+
+
+__all__ = [
+    "ADDConfig",
+    "ADDMethod",
+    "WEIGHTINGS",
+    "distillation_weight",
+    "distillation_loss",
+    "nfsd_target",
+    "score_distillation_loss",
+]
