@@ -34,8 +34,12 @@ class LoopConfig(BaseModel):
         1000, ge=0, description="Write a sample grid every this many iterations (0 = only at the end)."
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="Accelerate mixed precision: 'no', 'fp16' (GPU only) or 'bf16'."
-    )
+        "no",
+        description="Accelerate mixed precision: 'no', 'fp16' (GPU only) or 'bf16' (Ampere+ GPUs, CPUs). Losses run "
+                    "under autocast and every frozen weight (teacher, LoRA bases) is held in that dtype.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the players' activations in the backward pass (diffusers models, ClassUNet): "
+                           "less memory for ~30% more compute.")
     progress: bool = Field(True, description="Show a progress bar with the losses and the ETA.")
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import ConditionEmbedding
 
@@ -116,22 +117,35 @@ class ClassUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
         self.feature_channels = base_channels * channel_mult[-1]
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each residual block's activations in the backward pass (diffusers' method name)."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _block(self, block: ResBlock, h: Tensor, emb: Tensor) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
 
     def _encode(self, x: Tensor, c_noise: Tensor, labels: Tensor | None) -> tuple[Tensor, list[Tensor], Tensor]:
         emb = self.embed(c_noise, labels)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = self._block(layer, h, emb) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        h = self._block(self.mid2, self.mid_attn(self._block(self.mid1, h, emb)), emb)
         return h, skips, emb
 
     def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
         h, skips, emb = self._encode(x, c_noise, labels)
         for layer in self.up:
             if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+                h = self._block(layer, torch.cat([h, skips.pop()], dim=1), emb)
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -3,8 +3,17 @@
 A :class:`~fewstep.methods.base.Method` supplies players and losses; this loop does everything else:
 
 * **randomness** -- at the start of every iteration ``it`` the global RNGs (torch, numpy, random) are reseeded from
-  ``(seed, rank, it)`` and the batch indices are drawn with a generator seeded the same way (EDM2's
-  ``misc.set_random_seed``), so a resumed run replays exactly the draws of an uninterrupted one;
+  ``(seed, rank, it)`` (EDM2's ``misc.set_random_seed``), so a resumed run replays exactly the draws of an
+  uninterrupted one. The *global* batch's indices are drawn from ``(seed, it)`` alone and process ``rank`` takes
+  its contiguous slice, so the data a step sees do not depend on the number of processes: 1 process with batch
+  ``B`` and ``P`` processes with ``B / P`` each train on the same examples (with rank 0's stream, a 1-process run
+  draws exactly what it drew before). The methods' own noise draws come from the per-rank global RNG: they differ
+  across world sizes (ranks must not share noise), so a multi-process run matches a 1-process run in distribution,
+  and exactly for a loss that draws nothing (``tests/test_distributed.py``);
+* **devices and memory** -- Accelerate places the players (DDP, or FSDP from ``accelerate launch --config_file
+  configs/accelerate_fsdp.yaml``) and runs the losses under autocast (``mixed_precision``); under mixed precision
+  every frozen parameter (the teacher, LoRA base weights, frozen feature networks) is held in the training dtype
+  (:mod:`fewstep.train.memory`); ``gradient_checkpointing`` recomputes the players' activations in backward;
 * **updates** -- for each player in ``method.updates(it)``: loss (under Accelerate's autocast), backward, gradient
   clipping, optimizer and LR-schedule step, EMA update; a non-finite loss (or gradient norm) skips the update and is
   counted, and 10 in a row stop the run;
@@ -38,6 +47,15 @@ from ..errors import UserError
 from ..io import atomic_torch_save, atomic_write_text
 from ..methods.base import Batch, Method
 from .ema import EMA
+from .memory import (
+    cast_frozen_parameters,
+    enable_gradient_checkpointing,
+    is_sharded_module,
+    load_player_state,
+    modules_of,
+    player_state,
+    training_dtype,
+)
 
 CHECKPOINT_FORMAT = "fewstep-checkpoint"
 CRASH_ENV = "FEWSTEP_CRASH_AT_STEP"  # test hook: os._exit(137) right after that step's checkpoint logic
@@ -63,8 +81,16 @@ def set_random_seed(seed: int, rank: int, it: int) -> None:
 
 
 def batch_generator(seed: int, rank: int, it: int) -> torch.Generator:
-    """The generator that draws iteration ``it``'s batch indices (a stream apart from the global RNG's)."""
+    """A generator for iteration ``it`` on a stream apart from the global RNG's."""
     return torch.Generator().manual_seed(step_seed(seed, rank, it, stream=1))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, it: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Process ``rank``'s share of iteration ``it``'s global batch: ``batch_size`` indices into ``n`` examples drawn
+    from ``(seed, it)`` only (rank 0's stream, for every process), sliced contiguously into ``world`` parts."""
+    idx = torch.randint(0, n, (batch_size,), generator=batch_generator(seed, 0, it))
+    local = batch_size // world
+    return idx[rank * local : (rank + 1) * local]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -192,7 +218,16 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
         accelerator = Accelerator(**kwargs)
     if mixed_precision == "fp16" and accelerator.device.type == "cpu":
         warnings.warn("fp16 mixed precision needs a GPU; training in float32 on the CPU", stacklevel=2)
+    if mixed_precision == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16 support (it needs Ampere or newer); set loop.mixed_precision to "
+                        "fp16 or no")
     return accelerator
+
+
+def _is_fsdp(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def _all_processes_agree(accelerator: Any, ok: bool) -> bool:
@@ -259,7 +294,22 @@ def train(
         raise UserError("the training data is empty")
     if cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} does not split evenly across {world} processes")
-    local_batch = cfg.batch_size // world
+
+    fsdp = _is_fsdp(accelerator)
+    if fsdp:
+        with_ema = [name for name, p in method.players.items() if p.ema_decay is not None]
+        if with_ema:
+            raise UserError(f"an EMA of player(s) {with_ema} is not supported under FSDP (it would need the full "
+                            f"weights on every process); set the method's ema_decay to null or train with DDP")
+    method.run_dir = run_dir
+    method.to(accelerator.device)  # frozen teachers and precomputed tensors (DisBack records its path here)
+    # Frozen weights in the training dtype (players' frozen parts too: LoRA bases), before the EMA copies.
+    low = training_dtype(cfg.mixed_precision, accelerator.device)
+    restore_dtypes = cast_frozen_parameters(modules_of(method), low) if low is not None else None
+    if cfg.gradient_checkpointing:
+        if not sum(enable_gradient_checkpointing(p.module) for p in method.players.values()):
+            warnings.warn("gradient_checkpointing: none of the players' networks supports it; training without",
+                          stacklevel=2)
 
     # Players: EMA copies are taken before Accelerate wraps the modules (and patches forward for autocast).
     emas: dict[str, EMA] = {}
@@ -270,8 +320,7 @@ def train(
         if name in emas:
             emas[name].to(accelerator.device)
             player.ema = emas[name].module
-    method.run_dir = run_dir
-    method.to(accelerator.device)  # frozen teachers and precomputed tensors
+    sharded = fsdp or any(is_sharded_module(p.module) for p in method.players.values())
 
     # State that checkpoints carry besides the players.
     start, elapsed_before, nonfinite_total, consecutive_bad = 0, 0.0, 0, 0
@@ -283,7 +332,7 @@ def train(
         found = latest_checkpoint(run_dir)
         if found is not None:
             path, ckpt = found
-            _restore(method, emas, accelerator, ckpt, path)
+            _restore(method, emas, accelerator, ckpt, path, sharded)
             start = int(ckpt["iteration"])
             if start > cfg.iterations:
                 raise UserError(f"{path} is at iteration {start}, past the {cfg.iterations} iterations asked for; "
@@ -321,7 +370,7 @@ def train(
             step = it + 1
             # --- the draws of this iteration: a function of (seed, rank, it) only -----------------------------
             set_random_seed(cfg.seed, rank, it)
-            idx = torch.randint(0, n, (local_batch,), generator=batch_generator(cfg.seed, rank, it))
+            idx = batch_indices(n, cfg.batch_size, cfg.seed, it, rank, world)
             batch = Batch(x[idx], None if labels is None else labels[idx]).to(accelerator.device)
 
             # --- one update per scheduled player ---------------------------------------------------------------
@@ -393,13 +442,14 @@ def train(
             if sample_fn is not None and main and (
                 (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.iterations
             ):
-                sample_fn(step, run_dir / "samples" / f"step_{step:08d}.png")
+                with accelerator.autocast():  # frozen parts may be held in the training dtype
+                    sample_fn(step, run_dir / "samples" / f"step_{step:08d}.png")
 
             # --- checkpoint -----------------------------------------------------------------------------------
             if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
                 log_state = {"window": window, "nonfinite_skipped": nonfinite_total,
                              "consecutive_nonfinite": consecutive_bad}
-                ckpt = _checkpoint(method, emas, accelerator, step, log_state, elapsed, run_config)
+                ckpt = _checkpoint(method, emas, accelerator, step, log_state, elapsed, run_config, sharded)
                 if main:
                     atomic_torch_save(ckpt, checkpoint_path(run_dir, step))
                     _prune_checkpoints(run_dir, cfg.keep_checkpoints)
@@ -411,6 +461,8 @@ def train(
         pbar.close()
         if writer is not None:
             writer.close()
+        if restore_dtypes is not None:  # evaluation and export run outside autocast
+            restore_dtypes([e.module for e in emas.values()])
     accelerator.wait_for_everyone()
     if not last_row:
         last_row = {"it": start}
@@ -425,12 +477,16 @@ def _checkpoint(
     log_state: dict[str, Any],
     elapsed: float,
     run_config: dict[str, Any],
+    sharded: bool = False,
 ) -> dict[str, Any]:
+    """The checkpoint's contents; with ``sharded`` players a collective (every process calls it; rank 0 gets it)."""
     players = {}
     for name, p in method.players.items():
+        module_state, optimizer_state, fmt = player_state(p.module, p.optimizer, sharded)
         players[name] = {
-            "module": accelerator.unwrap_model(p.module).state_dict(),
-            "optimizer": p.optimizer.state_dict(),
+            "module": module_state,
+            "optimizer": optimizer_state,
+            "optimizer_format": fmt,
             "lr_scheduler": None if p.lr_scheduler is None else p.lr_scheduler.state_dict(),
             "ema": emas[name].state_dict() if name in emas else None,
         }
@@ -448,15 +504,16 @@ def _checkpoint(
     }
 
 
-def _restore(method: Method, emas: dict[str, EMA], accelerator: Any, ckpt: dict[str, Any], path: Path) -> None:
+def _restore(method: Method, emas: dict[str, EMA], accelerator: Any, ckpt: dict[str, Any], path: Path,
+             sharded: bool = False) -> None:
     missing = set(method.players) - set(ckpt["players"])
     if missing:
         raise UserError(f"{path} has no state for player(s) {sorted(missing)}; it belongs to another kind of run")
     try:
         for name, p in method.players.items():
             state = ckpt["players"][name]
-            accelerator.unwrap_model(p.module).load_state_dict(state["module"])
-            p.optimizer.load_state_dict(state["optimizer"])
+            load_player_state(p.module, p.optimizer, state["module"], state["optimizer"],
+                              state.get("optimizer_format", "index"), sharded)
             if p.lr_scheduler is not None and state.get("lr_scheduler") is not None:
                 p.lr_scheduler.load_state_dict(state["lr_scheduler"])
             if name in emas:
