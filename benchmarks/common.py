@@ -12,7 +12,8 @@ import torch
 
 from fewstep.io import atomic_write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> str:
@@ -76,3 +77,76 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c), r.get(f"{c}_std")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+TEACHER_SETTINGS = [("ddim", 1), ("ddim", 2), ("ddim", 4), ("heun", 32)]
+
+
+def row_line(r: dict[str, Any]) -> str:
+    key = "fid" if r.get("fid") is not None else "sliced_w"
+    return (f"{r['data']:>8} {r['method']:>9} {r['variant']:>12} steps {r['steps']:>2} nfe {r['nfe']:>3}  "
+            f"{key} {r[key]:.4g}")
+
+
+def print_tables(rows: list[dict[str, Any]], datas: Iterable[str]) -> None:
+    for data in datas:
+        sub = [r for r in rows if r["data"] == data]
+        cols = (["method", "variant", "steps", "nfe", "fid", "precision", "recall", "class_accuracy", "wall_seconds"]
+                if sub[0].get("fid") is not None else
+                ["method", "variant", "steps", "nfe", "sliced_w", "modes_covered", "high_quality", "wall_seconds"])
+        print(f"\n### {data}\n" + markdown_table(sub, cols))
+
+
+def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]], doc: str) -> None:
+    """The command line of a method's benchmark: the teacher at ``TEACHER_SETTINGS``, then every variant
+    (``name: (steps, config overrides)``; a name ending in ``-<k>step`` is reported as the variant before it)
+    distilled with the shipped config ``configs/<method>_<data>.yaml`` and evaluated; writes
+    ``results/<method>.json`` and prints the README tables."""
+    import argparse
+    import shutil
+    import tempfile
+    import time
+
+    from fewstep.api import evaluate, load_teacher
+    from fewstep.distillation import distill
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--data", nargs="+", default=["digits", "grid25"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
+    p.add_argument("--n", type=int, default=2000, help="evaluation samples")
+    p.add_argument("--iterations", type=int, default=None, help="override the configs' iterations (quick runs)")
+    a = p.parse_args()
+
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
+    try:
+        for data in a.data:
+            teacher = load_teacher(data)
+            for sampler, steps in TEACHER_SETTINGS:
+                per_seed = [{"data": data, "method": "teacher", "variant": sampler, "steps": steps,
+                             **evaluate(teacher, n=a.n, steps=steps, sampler=sampler, seed=s),
+                             "iterations": None, "wall_seconds": None} for s in a.seeds]
+                rows.append(average(per_seed))
+                print(row_line(rows[-1]), flush=True)
+            config = ROOT / "configs" / f"{method}_{data}.yaml"
+            for variant in a.variants:
+                steps, overrides = variants[variant]
+                per_seed = []
+                for seed in a.seeds:
+                    start = time.perf_counter()
+                    student = distill(data, method, steps=steps, out=work / f"{data}-{variant}-{seed}",
+                                      config=config if config.exists() else None, seed=seed,
+                                      iterations=a.iterations, progress=False, evaluate_n=0, **overrides)
+                    wall = time.perf_counter() - start
+                    per_seed.append({"data": data, "method": method, "variant": variant.rsplit("-", 1)[0]
+                                     if variant.endswith("step") else variant, "steps": steps,
+                                     **evaluate(student, n=a.n, seed=seed),
+                                     "iterations": student.info["meta"]["iterations"], "wall_seconds": wall})
+                rows.append(average(per_seed))
+                print(row_line(rows[-1]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    path = write_results(method, meta(a.seeds, n=a.n), rows)
+    print_tables(rows, a.data)
+    print(f"\nwrote {path}")
