@@ -29,7 +29,9 @@ def load_teacher(spec: str | Path) -> Denoiser:
 
     Args:
         spec: an embedded name (``digits``, ``ring8``, ``grid25``, ``moons``, ``checkerboard``, ``swissroll``), a run
-            directory written by ``fewstep teacher train``, or the path of a saved ``.safetensors``/``.json`` pair.
+            directory written by ``fewstep teacher train``, the path of a saved ``.safetensors``/``.json`` pair, or
+            a local diffusers folder (a pipeline with ``model_index.json`` or a bare model; see
+            :mod:`fewstep.models.hf`).
 
     Returns:
         The denoiser in eval mode without gradients; its saved description is in ``.info``.
@@ -43,14 +45,13 @@ def load_teacher(spec: str | Path) -> Denoiser:
     elif path.suffix in (".json", ".safetensors") and path.is_file():
         prefix = path.with_suffix("")
     elif path.is_dir() and ((path / "model_index.json").is_file() or (path / "config.json").is_file()):
-        raise UserError(
-            f"{path} is a diffusers folder; loading diffusers teachers is not available yet -- "
-            "use an embedded teacher or one trained with `fewstep teacher train`"
-        )
+        from .models.hf import load_diffusers
+
+        return load_diffusers(path)
     else:
         raise UserError(
             f"no teacher at {spec_s!r}: give an embedded name ({', '.join(zoo.TEACHERS)}), "
-            "a run directory from `fewstep teacher train`, or a .safetensors file with its .json"
+            "a run directory from `fewstep teacher train`, a .safetensors file with its .json, or a diffusers folder"
         )
     den, desc = load_denoiser(prefix)
     den.info = desc

@@ -56,11 +56,13 @@ def make_config(
 
 def _sample_writer(student_of: Any, data_name: str | None) -> Any:
     from .eval.images import save_samples
+    from .models.hf import DiffusersDenoiser, decode_samples
 
     def write(step: int, path: Path) -> None:
         student = student_of()
-        x = student.sample(100 if len(student.sample_shape) == 3 else 2000, seed=1234)
-        save_samples(x, path, data_name, title=f"iteration {step}")
+        diffusers = isinstance(student.generator, DiffusersDenoiser)  # real-size models: a 4x4 grid, decoded
+        x = student.sample(16 if diffusers else 100 if len(student.sample_shape) == 3 else 2000, seed=1234)
+        save_samples(decode_samples(student, x), path, data_name, title=f"iteration {step}")
 
     return write
 
@@ -78,8 +80,9 @@ def distill(
     """Distill ``teacher`` into a ``steps``-step student with ``method``.
 
     Args:
-        teacher: an embedded teacher name or a ``fewstep teacher train`` run directory (default: the config's,
-            else ``digits``).
+        teacher: an embedded teacher name, a ``fewstep teacher train`` run directory or a local diffusers folder
+            (default: the config's, else ``digits``; a diffusers teacher needs ``data``: an image folder, with
+            captions for text-to-image teachers).
         method: ``dmd2`` or ``disback`` (which wraps ``dmd2`` or ``add``; see its config's ``base``).
         steps: student sampling steps (1..8).
         out: the run directory (must not exist unless ``resume``).
@@ -102,8 +105,14 @@ def distill(
     data_name = cfg.data or model_data(teacher_model)
     if data_name is None:
         raise UserError(f"teacher {cfg.teacher!r} does not record its data; pass --data")
+    from .models.hf import DiffusersDenoiser, prepare_training_data
+
+    diffusers = isinstance(teacher_model, DiffusersDenoiser)
     resolution = teacher_model.sample_shape[-1] if len(teacher_model.sample_shape) == 3 else None
-    dataset = load_data(data_name, "train", resolution=resolution)
+    if diffusers:  # pixels at the VAE's resolution, encoded to latents; captions encoded to prompt embeddings
+        dataset = prepare_training_data(teacher_model, load_data(data_name, "train", teacher_model.data_resolution))
+    else:
+        dataset = load_data(data_name, "train", resolution=resolution)
     if tuple(dataset.sample_shape) != tuple(teacher_model.sample_shape):
         raise UserError(f"data {data_name!r} has samples of shape {tuple(dataset.sample_shape)} but the teacher "
                         f"makes {tuple(teacher_model.sample_shape)}")
@@ -128,7 +137,7 @@ def distill(
     student.info = {"meta": meta}
     if PartialState().is_main_process:
         save_student(student, out / "student", **meta)
-        if evaluate_n > 0:
+        if evaluate_n > 0 and not (diffusers and teacher_model.latent):  # latent models: `fewstep eval` instead
             from .report import write_run_report
 
             write_run_report(out, student, teacher_model, n=evaluate_n)

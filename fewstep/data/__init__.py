@@ -39,6 +39,8 @@ class Dataset:
         modes: ``(M, D)`` mixture centres (ring8, grid25), normalised coordinates.
         mode_std: std of each mixture component, normalised coordinates.
         shift, scale: points only, ``x_normalised = (x_raw - shift) / scale``; None = identity.
+        captions: one caption per image (flat image folders with captions; the prompts of text-to-image
+            teachers), or None.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Dataset:
     mode_std: float | None = None
     shift: Tensor | None = field(default=None, repr=False)
     scale: Tensor | None = field(default=None, repr=False)
+    captions: list[str] | None = field(default=None, repr=False)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -117,7 +120,7 @@ def load_data(spec: str, split: str = "train", resolution: int | None = None, ch
     if path.is_dir():
         images = load_image_folder(path, split, resolution, channels)
         names = images.class_names
-        return Dataset(spec, "image", images.x, images.labels, len(names), names)
+        return Dataset(spec, "image", images.x, images.labels, len(names), names, captions=images.captions)
     if path.is_file() and path.suffix.lower() in POINT_SUFFIXES:
         x, shift, scale = load_points(path, split)
         return Dataset(spec, "points", x, None, 0, [], shift=shift, scale=scale)

@@ -1,5 +1,12 @@
 """Image folders: flat (unlabelled) or one sub-folder per class, like torchvision's ``ImageFolder``.
 
+A flat folder may carry captions, one per image (the training prompts of text-to-image teachers), in any one of:
+
+* ``img.txt`` next to ``img.png`` (the caption is the file's text, stripped);
+* ``metadata.jsonl`` with lines ``{"file_name": "img.png", "text": "..."}`` (``caption`` works too), as the Hugging
+  Face ``imagefolder`` loader reads;
+* ``captions.txt`` with lines ``img.png<TAB>caption``.
+
 Each image is resized so its shorter side is ``resolution`` (PIL bicubic), centre-cropped to a square (as diffusers'
 training scripts do) and scaled to ``[-1, 1]``.
 """
@@ -22,11 +29,53 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 @dataclass
 class FolderImages:
-    """Decoded images ``x`` ``(N, C, R, R)`` in ``[-1, 1]``, labels ``(N,)`` or None, and the class names."""
+    """Decoded images ``x`` ``(N, C, R, R)`` in ``[-1, 1]``, labels ``(N,)`` or None, the class names, and one caption
+    per image (or None)."""
 
     x: Tensor
     labels: Tensor | None
     class_names: list[str]
+    captions: list[str] | None = None
+
+
+def read_captions(folder: str | Path, files: list[Path]) -> list[str] | None:
+    """One caption per file of a flat folder (see the module docstring), or None when the folder has no captions."""
+    import json
+
+    folder = Path(folder)
+    table: dict[str, str] = {}
+    meta, listing = folder / "metadata.jsonl", folder / "captions.txt"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                table[str(row["file_name"])] = str(row.get("text", row.get("caption")))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}}; fix the line") from None
+    elif listing.is_file():
+        for n, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            name, sep, text = line.partition("\t")
+            if not sep:
+                raise UserError(f"{listing}:{n}: expected 'file name<TAB>caption'; fix the line")
+            table[name.strip()] = text.strip()
+    sidecars = {f: f.with_suffix(".txt") for f in files}
+    if not table and not any(p.is_file() for p in sidecars.values()):
+        return None
+    captions = []
+    for f in files:
+        rel = f.relative_to(folder).as_posix()
+        if rel in table:
+            captions.append(table[rel])
+        elif sidecars[f].is_file():
+            captions.append(sidecars[f].read_text(encoding="utf-8").strip())
+        else:
+            raise UserError(f"{f} has no caption; add {sidecars[f].name} next to it (or a line for it in "
+                            f"{meta.name if meta.is_file() else listing.name}), or remove the image")
+    return captions
 
 
 def list_images(folder: str | Path) -> tuple[list[Path], list[int] | None, list[str]]:
@@ -95,7 +144,8 @@ def load_image_folder(
             raise _corrupt(files[j], e) from None
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
     y = None if labels is None else torch.tensor([labels[j] for j in idx], dtype=torch.int64)
-    return FolderImages(xt, y, class_names)
+    captions = read_captions(folder, files) if labels is None else None
+    return FolderImages(xt, y, class_names, None if captions is None else [captions[j] for j in idx])
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:

@@ -45,14 +45,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from ..config import LoopConfig, _default_distill_loop
-from ..diffusion.denoiser import Denoiser, guided
+from ..diffusion.denoiser import Denoiser, _cat_cond, guided
 from ..diffusion.samplers import student_timesteps
 from ..diffusion.schedule import Schedule, bcast
 from ..errors import UserError
 from ..models.discriminators import ADDDiscriminator, hinge_g_loss
 from ..models.features import DIGITS_SHAPES, FeatureNetwork, build_feature_network
 from ..train.teacher import warmup_schedule
-from .base import Batch, Method, Player
+from .base import Batch, Method, Player, batch_cond, is_conditional
 from .dmd2 import Generator, _unwrap
 
 WEIGHTINGS = ("exponential", "sds", "nfsd")
@@ -262,11 +262,11 @@ def score_distillation_loss(
     with torch.no_grad():
         if weighting == "nfsd":
             if cond is None:
-                raise UserError("weighting 'nfsd' needs a class-conditional teacher (its condition and null class); "
-                                "use weighting: exponential or sds")
+                raise UserError("weighting 'nfsd' needs a conditional teacher (class labels or prompts, and their "
+                                "null); use weighting: exponential or sds")
             assert nfsd_split is not None
             null = teacher.null_cond(cond)
-            both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+            both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, null))
             cond_x0, uncond_x0 = both.chunk(2)
             target = nfsd_target(x_hat, alpha, sigma, eps, cond_x0, uncond_x0, uncond_x0, t < nfsd_split,
                                  guidance_scale)
@@ -298,9 +298,9 @@ class ADDMethod(Method):
         self.schedule = teacher.schedule
         self.timesteps = student_timesteps(self.schedule, cfg.steps)
         self.train_timesteps = student_timesteps(self.schedule, cfg.student_times)
-        self.conditional = teacher.num_classes > 0
+        self.conditional = is_conditional(teacher)
         if cfg.weighting == "nfsd" and cfg.distill_weight > 0 and not self.conditional:
-            raise UserError("weighting 'nfsd' needs a class-conditional teacher (its condition and null class); "
+            raise UserError("weighting 'nfsd' needs a conditional teacher (class labels or prompts, and their null); "
                             "use weighting: exponential or sds")
         split = self.schedule.from_fraction(torch.tensor([cfg.nfsd_t_split]))
         self.nfsd_split = float(split.round() if self.schedule.kind == "ddpm" else split)
@@ -347,8 +347,8 @@ class ADDMethod(Method):
         return ["discriminator", "generator"] if self.cfg.adversarial else ["generator"]
 
     # --- pieces -------------------------------------------------------------------------------------------------
-    def _labels(self, batch: Batch) -> Tensor | None:
-        return batch.labels if self.conditional else None
+    def _cond(self, batch: Batch) -> Any:
+        return batch_cond(batch, self.teacher)
 
     def _student_input(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_s, s)``: ``s`` uniform over ``T_student`` per sample, ``x_s = alpha_s x0 + sigma_s eps``."""
@@ -373,7 +373,7 @@ class ADDMethod(Method):
 
     def _generator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
         gen = self.players["generator"].module
-        cond = self._labels(batch)
+        cond = self._cond(batch)
         x_s, s = self._student_input(batch.x0)
         x_hat = gen(x_s, s, cond)
         loss = x_hat.new_zeros(())
@@ -402,7 +402,7 @@ class ADDMethod(Method):
     def _discriminator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
         assert self.features is not None
         gen = self.players["generator"].module
-        cond = self._labels(batch)
+        cond = self._cond(batch)
         with torch.no_grad():
             x_s, s = self._student_input(batch.x0)
             x_hat = gen(x_s, s, cond)

@@ -16,15 +16,46 @@ import torch
 from torch import Tensor, nn
 
 
+def _to(v: Any, device: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, dict):
+        return {k: _to(x, device) for k, x in v.items()}
+    return v.to(device)
+
+
 @dataclass
 class Batch:
-    """One training batch: data ``x0`` (images in [-1, 1] or points) and optional class ``labels``."""
+    """One training batch: data ``x0`` (images in [-1, 1], latents or points), optional class ``labels`` (or, for a
+    text-to-image teacher, caption indices into its prompt bank) and an optional explicit condition ``cond`` (a tensor
+    or a dict of tensors, e.g. prompt embeddings), which takes precedence over ``labels``."""
 
     x0: Tensor
     labels: Tensor | None = None
+    cond: Any = None
 
     def to(self, device: Any) -> "Batch":
-        return Batch(self.x0.to(device), None if self.labels is None else self.labels.to(device))
+        return Batch(self.x0.to(device), _to(self.labels, device), _to(self.cond, device))
+
+
+def is_conditional(teacher: Any) -> bool:
+    """Whether ``teacher`` takes a condition: class labels or prompt embeddings."""
+    return getattr(teacher, "num_classes", 0) > 0 or bool(getattr(teacher, "text_conditional", False))
+
+
+def batch_cond(batch: Batch, teacher: Any) -> Any:
+    """The condition a method passes to its denoisers for ``batch`` (every method routes it through here):
+    ``batch.cond`` when given; else the class labels for a class-conditional teacher; else, for a text-to-image
+    teacher, the prompt embeddings of the caption indices in ``batch.labels``; else None (unconditional)."""
+    if batch.cond is not None:
+        return batch.cond
+    if batch.labels is None:
+        return None
+    if getattr(teacher, "num_classes", 0) > 0:
+        return batch.labels
+    if getattr(teacher, "text_conditional", False):
+        return teacher.prompt_lookup(batch.labels)
+    return None
 
 
 @dataclass

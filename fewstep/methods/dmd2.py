@@ -30,7 +30,7 @@ from ..diffusion.denoiser import Denoiser, guided
 from ..diffusion.samplers import sample as teacher_sample, student_timesteps
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
 from ..train.teacher import warmup_schedule
-from .base import Batch, Method, Player
+from .base import Batch, Method, Player, batch_cond
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,8 +150,8 @@ class DMD2Method(Method):
         return ["generator", "guidance"] if it % self.cfg.ttur == 0 else ["guidance"]
 
     # --- pieces -------------------------------------------------------------------------------------------------
-    def _labels(self, batch: Batch) -> Tensor | None:
-        return batch.labels if self.teacher.num_classes > 0 else None
+    def _cond(self, batch: Batch) -> Any:
+        return batch_cond(batch, self.teacher)
 
     def _t_dm(self, n: int, device: Any) -> Tensor:
         lo, hi = self.cfg.dm_t_range
@@ -196,7 +196,7 @@ class DMD2Method(Method):
         gen = self.players["generator"].module
         guidance = _unwrap(self.players["guidance"].module)  # not updated here: bypass DDP
         n, device = batch.x0.shape[0], batch.x0.device
-        cond = self._labels(batch)
+        cond = self._cond(batch)
         x = self._generate(gen, n, cond, device)
         t = self._t_dm(n, device)
         x_t = self.schedule.add_noise(x, torch.randn_like(x), t)
@@ -227,7 +227,7 @@ class DMD2Method(Method):
     def _guidance_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         gen = self.players["generator"].module
         n, device = batch.x0.shape[0], batch.x0.device
-        cond = self._labels(batch)
+        cond = self._cond(batch)
         with torch.no_grad():
             x = self._generate(gen, n, cond, device).detach()
         t = self.schedule.sample_train_t(n, device=device)

@@ -30,6 +30,8 @@ def build_network(spec: dict[str, Any]) -> nn.Module:
 
 
 def network_spec(net: nn.Module) -> dict[str, Any]:
+    if hasattr(net, "spec"):  # a diffusers model behind its adapter (fewstep.models.hf)
+        return net.spec()
     for name, cls in NETWORKS.items():
         if type(net) is cls:
             return {"type": name, **net.config}
@@ -67,6 +69,10 @@ def save_denoiser(denoiser: Denoiser, path: str | Path, **meta: Any) -> Path:
 
 
 def denoiser_from_description(desc: dict[str, Any]) -> Denoiser:
+    if desc["network"].get("type") == "diffusers":
+        from .hf import denoiser_from_description as from_diffusers
+
+        return from_diffusers(desc)
     net = build_network(desc["network"])
     schedule = schedule_from_config(desc["schedule"])
     return Denoiser(net, schedule, desc["prediction_type"], tuple(desc["sample_shape"]), desc.get("num_classes", 0))

@@ -1,0 +1,268 @@
+"""Diffusers teachers: folders, schedule mapping, the denoiser adapter, captions, and every method end to end.
+
+Tiny random models are built from diffusers/transformers configs in the test (``hf_tiny``), saved with
+``save_pretrained`` and loaded back through ``fewstep.load_teacher`` / ``fewstep.distill``, the path a user takes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hf_tiny
+from fewstep import UserError, distill, load_model, load_teacher
+from fewstep.data import load_data
+from fewstep.models.hf import DiffusersDenoiser, flux_shift, prepare_training_data, schedule_from_scheduler_config
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Pipelines (pixel UNet, SD-like text-to-image, DiT, SD3) and a captioned image folder, built once."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("hf")
+    hf_tiny.unet2d(folder=root / "unet")
+    hf_tiny.sd_pipeline(root / "sd")
+    hf_tiny.dit_pipeline(root / "dit")
+    hf_tiny.sd3_pipeline(root / "sd3")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"a photo of thing {i}")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. Scheduler configs map onto our schedules
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,kwargs", [
+    ("DDPMScheduler", {"beta_schedule": "linear"}),
+    ("DDIMScheduler", {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                       "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                       "timestep_spacing": "trailing"}),
+    ("EulerDiscreteScheduler", {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample"}),
+])
+def test_ddpm_family_configs_map_to_the_same_alphas(cls, kwargs):
+    import diffusers
+
+    sched = getattr(diffusers, cls)(**kwargs)
+    config = {**sched.config, "_class_name": cls}
+    ours, prediction = schedule_from_scheduler_config(config, "unet", (3, 8, 8))
+    assert prediction == kwargs.get("prediction_type", "epsilon")
+    a, s = ours.alpha_sigma(torch.arange(1000).float())
+    ac = sched.alphas_cumprod
+    torch.testing.assert_close(a.double() ** 2, ac.double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(s.double() ** 2, 1 - ac.double(), atol=1e-6, rtol=0)
+    assert ours.timestep_spacing == sched.config.get("timestep_spacing", "leading")
+
+
+def test_flow_match_config_maps_shift_and_dynamic_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours, prediction = schedule_from_scheduler_config({**sched.config, "_class_name": type(sched).__name__}, "sd3",
+                                                      (16, 128, 128))
+    assert prediction == "flow" and ours.shift == 3.0
+    sched.set_timesteps(4)
+    torch.testing.assert_close(ours.timesteps(4)[:-1], sched.sigmas[:-1].float(), atol=1e-5, rtol=0)
+    dyn = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    flux, _ = schedule_from_scheduler_config({**dyn.config, "_class_name": "FlowMatchEulerDiscreteScheduler"},
+                                             "flux", (16, 64, 64))
+    mu = 0.5 + (1024 - 256) * (1.15 - 0.5) / (4096 - 256)  # diffusers' calculate_shift for 32x32 packed tokens
+    assert flux.shift == pytest.approx(np.exp(mu)) == pytest.approx(flux_shift(dyn.config, 1024))
+    dyn.set_timesteps(3, mu=mu)  # dynamic shifting shifts linspace(1, 1/T) once (a static shift is applied twice)
+    torch.testing.assert_close(flux.shift_t(torch.linspace(1, 1e-3, 3)), dyn.sigmas[:-1].float(), atol=1e-5, rtol=0)
+
+
+def test_unsupported_scheduler_configs_are_user_errors():
+    with pytest.raises(UserError, match="trained_betas"):
+        schedule_from_scheduler_config({"_class_name": "DDPMScheduler", "trained_betas": [0.1] * 10}, "unet", (3, 8, 8))
+    with pytest.raises(UserError, match="beta_schedule"):
+        schedule_from_scheduler_config({"_class_name": "DDPMScheduler", "beta_schedule": "sigmoid"}, "unet", (3, 8, 8))
+    with pytest.raises(UserError, match="FlowMatch"):
+        schedule_from_scheduler_config({"_class_name": "DDIMScheduler"}, "sd3", (4, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. Loading every family: shapes, features, null conditions, agreement with diffusers' own call
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,kind,prediction,classes,text", [
+    ("unet", "ddpm", "epsilon", 0, False),
+    ("sd", "ddpm", "epsilon", 0, True),
+    ("dit", "ddpm", "epsilon", 3, False),
+    ("sd3", "flow", "flow", 0, True),
+])
+def test_load_each_family(folders, name, kind, prediction, classes, text):
+    den = load_teacher(str(folders / name))
+    assert isinstance(den, DiffusersDenoiser)
+    assert den.schedule.kind == kind and den.prediction_type == prediction and den.num_classes == classes
+    assert den.text_conditional == text and not any(p.requires_grad for p in den.parameters())
+    x = torch.randn(2, *den.sample_shape)
+    t = den.schedule.from_fraction(torch.tensor([0.3, 0.9]))
+    cond = torch.tensor([0, 2]) if classes else den.encode_prompts(["a cat", "a dog"]) if text else None
+    x0 = den(x, t, cond)
+    feats = den.features(x, t, cond)
+    assert x0.shape == x.shape and torch.isfinite(x0).all() and feats.ndim == 4 and torch.isfinite(feats).all()
+    if cond is not None:
+        null = den.null_cond(cond)
+        assert not torch.equal(den(x, t, null), x0)
+        torch.testing.assert_close(den(x, t, None), den(x, t, null))  # no condition = the null one
+    if text:  # the empty prompt is diffusers' own CFG negative
+        ref = den.components.pipe.encode_prompt([""] * 2, "cpu", 1, False)[0] if name == "sd" else None
+        if ref is not None:
+            torch.testing.assert_close(den.null_cond(cond)["encoder_hidden_states"], ref)
+
+
+def test_raw_output_is_the_diffusers_model_call(folders):
+    den = load_teacher(str(folders / "dit"))
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
+    ref = den.net.model(x, timestep=t, class_labels=c).sample[:, :4]  # learned sigma: the eps half
+    torch.testing.assert_close(den.raw(x, t, c), ref)
+    sd = load_teacher(str(folders / "sd"))
+    emb = sd.encode_prompts(["hello"])
+    x = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(sd.raw(x, torch.tensor([250.0]), emb),
+                               sd.net.model(x, 250, encoder_hidden_states=emb["encoder_hidden_states"]).sample)
+
+
+def test_bare_model_folder(folders, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(folders / "unet" / "unet", bare)
+    with pytest.raises(UserError, match="scheduler_config.json"):
+        load_teacher(str(bare))
+    shutil.copy(folders / "unet" / "scheduler" / "scheduler_config.json", bare)
+    den = load_teacher(str(bare))
+    assert den.sample_shape == (3, 8, 8) and not den.latent
+    text = tmp_path / "text"
+    shutil.copytree(folders / "sd" / "unet", text)
+    with pytest.raises(UserError, match="pipeline folder"):
+        load_teacher(str(text))
+
+
+def test_missing_files_are_one_line_user_errors(folders, tmp_path):
+    broken = tmp_path / "sd"
+    shutil.copytree(folders / "sd", broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(UserError, match="text_encoder") as e:
+        load_teacher(str(broken))
+    assert "\n" not in str(e.value)
+    (broken / "text_encoder").mkdir()
+    (broken / "text_encoder" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no weights"):
+        load_teacher(str(broken))
+    shutil.rmtree(broken / "scheduler")
+    with pytest.raises(UserError, match="scheduler"):
+        load_teacher(str(broken))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. Captions and the prompt bank
+# ------------------------------------------------------------------------------------------------------------------
+def _images(folder, n=3):
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), 25 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("style", ["sidecar", "metadata", "listing"])
+def test_captions_next_to_images(tmp_path, style):
+    folder = tmp_path / "img"
+    _images(folder, 10)
+    names = [f"{i}.png" for i in range(10)]
+    if style == "sidecar":
+        for i in range(10):
+            (folder / f"{i}.txt").write_text(f" caption {i}\n")
+    elif style == "metadata":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": f"caption {n[:-4]}"}) + "\n"
+                                                       for n in names))
+    else:
+        (folder / "captions.txt").write_text("".join(f"{n}\tcaption {n[:-4]}\n" for n in names))
+    train, test = load_data(str(folder), "train", 8), load_data(str(folder), "test", 8)
+    assert len(train.captions) == len(train) and len(test.captions) == len(test)
+    assert sorted(train.captions + test.captions) == sorted(f"caption {i}" for i in range(10))
+    for x, c in zip(train.x, train.captions):  # aligned with the images: image i is grey 25 i
+        assert round((float(x.mean()) + 1) * 127.5) == 25 * int(c.split()[1])
+    (folder / "0.txt").unlink(missing_ok=True)
+    if style == "sidecar":
+        with pytest.raises(UserError, match="0.png has no caption"):
+            load_data(str(folder), "train", 8)
+
+
+def test_prompts_are_encoded_once_and_cached(folders, cache, monkeypatch):
+    den = load_teacher(str(folders / "sd"))
+    data = load_data(str(folders / "images"), "train", den.data_resolution)
+    calls = []
+    real = den.components.encode_prompts
+    monkeypatch.setattr(den.components, "encode_prompts", lambda p: calls.append(len(p)) or real(p))
+    first = prepare_training_data(den, data)
+    assert calls == [len(data)] and first.x.shape[1:] == den.sample_shape
+    table = den.components.prompts.table["encoder_hidden_states"].clone()
+    again = prepare_training_data(den, data)
+    assert calls == [len(data)]  # the second time from the on-disk cache
+    torch.testing.assert_close(den.components.prompts.table["encoder_hidden_states"], table)
+    torch.testing.assert_close(again.x, first.x)
+    emb = den.prompt_lookup(torch.tensor([1]))["encoder_hidden_states"]
+    torch.testing.assert_close(emb, den.encode_prompts([data.captions[1]])["encoder_hidden_states"])
+    assert sorted(p.name.split("_")[0] for p in (cache / "fewstep" / "diffusers").iterdir()) == ["latents", "prompts"]
+
+
+def test_text_teacher_needs_captions(folders, tmp_path):
+    plain = tmp_path / "plain"
+    _images(plain)
+    with pytest.raises(UserError, match="captions"):
+        distill(teacher=str(folders / "sd"), data=str(plain), method="dmd2", steps=1, out=tmp_path / "r",
+                iterations=1, evaluate_n=0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. Every method, unchanged, on every family: fewstep.distill(teacher=folder, ...)
+# ------------------------------------------------------------------------------------------------------------------
+COMMON = dict(iterations=2, batch_size=2, log_every=1, sample_every=0, checkpoint_every=100, progress=False,
+              evaluate_n=0)
+CASES = [
+    ("unet", "dmd2", {"steps": 2}),
+    ("sd", "dmd2", {"steps": 1, "guidance_scale": 2.0}),
+    ("dit", "dmd2", {"steps": 1, "guidance_scale": 2.0}),
+    ("sd3", "dmd2", {"steps": 2}),
+    ("unet", "add", {"steps": 1}),
+    ("sd", "add", {"steps": 1, "weighting": "nfsd", "guidance_scale": 2.0}),
+    ("dit", "add", {"steps": 2}),
+    ("sd", "disback", {"steps": 1, "record_checkpoints": 2, "record_every": 1, "switch_every": 1}),
+    ("sd3", "disback", {"steps": 1, "record_checkpoints": 2, "record_every": 1, "switch_every": 1, "base": "add"}),
+]
+
+
+@pytest.mark.parametrize("name,method,options", CASES, ids=[f"{m}-{n}" for n, m, _ in CASES])
+def test_every_method_runs_on_diffusers_teachers(folders, tmp_path, name, method, options):
+    folder = str(folders / name)
+    out = tmp_path / "run"
+    student = distill(teacher=folder, data=str(folders / "images"), method=method, out=out, **COMMON, **options)
+    teacher = load_teacher(folder)
+    assert isinstance(student.generator, DiffusersDenoiser) and student.steps == options["steps"]
+    changed = [not torch.equal(p, q) for p, q in zip(student.generator.net.model.state_dict().values(),
+                                                     teacher.net.model.state_dict().values())]
+    assert any(changed)
+    x = student.sample(2, seed=0)
+    assert x.shape == (2, *teacher.sample_shape) and torch.isfinite(x).all()
+    assert (out / "student.json").is_file() and sorted((out / "samples").glob("*.png"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(v) for r in rows for k, v in r.items() if k.endswith("/loss"))
+    if name == "unet" and method == "dmd2":  # the saved student loads back (its architecture from the teacher folder)
+        again = load_model(out)
+        torch.testing.assert_close(again.sample(2, seed=0), x)
