@@ -124,6 +124,8 @@ def distill(
         method_obj = method_cls(teacher_model, cfg)
 
     def student_of() -> Student:
+        if hasattr(method_obj, "student"):  # a method with its own student sampler (Lightning: ODE steps)
+            return method_obj.student()
         return Student(method_obj.inference_model(), method_obj.timesteps)
 
     sample_fn = _sample_writer(student_of, data_name)
@@ -133,10 +135,12 @@ def distill(
 
     student = student_of().eval().requires_grad_(False)  # training is over: the student as it is saved
     meta = {"method": method, "teacher": cfg.teacher, "data": data_name, "steps": cfg.steps,
-            "iterations": cfg.loop.iterations, "seed": cfg.loop.seed}
+            "iterations": cfg.loop.iterations, "seed": cfg.loop.seed, **getattr(method_obj, "student_meta", {})}
     student.info = {"meta": meta}
     if PartialState().is_main_process:
         save_student(student, out / "student", **meta)
+        if hasattr(method_obj, "save_outputs"):  # methods with more than one student (Lightning's ladder)
+            method_obj.save_outputs(out, **meta)
         if evaluate_n > 0 and not (diffusers and teacher_model.latent):  # latent models: `fewstep eval` instead
             from .report import write_run_report
 

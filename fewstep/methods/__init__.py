@@ -14,8 +14,10 @@ def registry() -> dict[str, tuple[type, Any]]:
     from .add import ADDConfig, ADDMethod
     from .disback import DisBackConfig, DisBackMethod
     from .dmd2 import DMD2Method
+    from .lightning import LightningConfig, LightningMethod
 
-    return {"dmd2": (DMD2Config, DMD2Method), "add": (ADDConfig, ADDMethod), "disback": (DisBackConfig, DisBackMethod)}
+    return {"dmd2": (DMD2Config, DMD2Method), "add": (ADDConfig, ADDMethod), "disback": (DisBackConfig, DisBackMethod),
+            "lightning": (LightningConfig, LightningMethod)}
 
 
-METHOD_NAMES = ("dmd2", "add", "disback")
+METHOD_NAMES = ("dmd2", "add", "disback", "lightning")
