@@ -129,6 +129,11 @@ class DMD2Config(BaseModel):
     grad_clip: float | None = Field(10.0, gt=0, description="Max gradient norm (DMD2 reference: 10).")
     ema_decay: float | None = Field(
         None, ge=0, lt=1, description="EMA of the generator (None: sample the raw generator, as the DMD2 reference).")
+    lora_rank: int | None = Field(
+        None, ge=1,
+        description="Train the generator and the fake score as LoRA adapters of this rank on the frozen teacher "
+                    "(fewstep.models.lora; the base weights are the teacher's, held once). None = full fine-tuning. "
+                    "The GAN head is trained in full either way.")
     loop: LoopConfig = Field(default_factory=_default_distill_loop, description="Training loop options.")
 
 

@@ -344,3 +344,123 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path: Path) -> None:
     row = train(Regression(nan_at=set()), Mixture(64), loop.model_copy(update={"mixed_precision": "no"}),
                 tmp_path / "fp32")
     assert row["it"] == 3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Memory: LoRA players on the teacher's own weights, frozen weights in the training dtype, gradient checkpointing
+# ------------------------------------------------------------------------------------------------------------------
+def _tiny_image_teacher() -> "object":
+    from fewstep.diffusion.denoiser import Denoiser
+    from fewstep.diffusion.schedule import DDPMSchedule
+    from fewstep.models import ClassUNet
+
+    torch.manual_seed(0)
+    net = ClassUNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_classes=3, resolution=8)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    return Denoiser(net, DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (1, 8, 8), num_classes=3)
+
+
+def _distill_loop(iterations: int = 3, **kw: object) -> LoopConfig:
+    return LoopConfig(iterations=iterations, batch_size=4, checkpoint_every=iterations, log_every=1, sample_every=0,
+                      progress=False, **kw)
+
+
+@pytest.mark.parametrize("method", ["dmd2", "add"])
+def test_lora_players_train_adapters_on_the_teachers_own_weights(tmp_path: Path, method: str) -> None:
+    from fewstep.methods import registry
+    from fewstep.models.lora import has_lora
+
+    teacher = _tiny_image_teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg_cls, method_cls = registry()[method]
+    extra = {"feature_network": "teacher"} if method == "add" else {"ttur": 1}
+    cfg = cfg_cls(lora_rank=4, warmup_iterations=0, lr_generator=1e-2, loop=_distill_loop(), **extra)
+    torch.manual_seed(0)
+    m = method_cls(teacher, cfg)
+    gen = m.players["generator"].module
+    assert has_lora(gen)
+    # only adapters train; the frozen base weights ARE the teacher's tensors (held once)
+    teacher_params = {id(p) for p in teacher.parameters()}
+    for name, p in gen.named_parameters():
+        assert p.requires_grad == (".lora_" in name), name
+        if not p.requires_grad:
+            assert id(p) in teacher_params, name
+    opt_params = {id(q) for g in m.players["generator"].optimizer.param_groups for q in g["params"]}
+    assert opt_params == {id(p) for p in gen.parameters() if p.requires_grad}
+    # B = 0: the LoRA generator starts exactly at the teacher
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([999.0, 500.0]), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(gen(x, t, y), teacher(x, t, y))
+
+    train(m, TinyImages(), cfg.loop, tmp_path / "run", config=cfg)
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the teacher changed"
+    with torch.no_grad():
+        assert not torch.allclose(m.inference_model()(x, t, y), teacher(x, t, y)), "the adapters did not train"
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    assert any(".lora_A." in k for k in ckpt["players"]["generator"]["module"])
+
+
+def test_disback_loads_its_path_into_a_lora_fake_score_without_touching_the_teacher() -> None:
+    from fewstep.config import DMD2Config
+    from fewstep.methods.dmd2 import DMD2Method
+    from fewstep.models.lora import load_network_state
+
+    teacher = _tiny_image_teacher()
+    before = {k: v.clone() for k, v in teacher.net.state_dict().items()}
+    m = DMD2Method(teacher, DMD2Config(lora_rank=2, gan=False, loop=_distill_loop()))
+    fake = m.players["guidance"].module.fake
+    other = {k: v + 0.01 for k, v in before.items()}
+    load_network_state(fake.net, other)
+    assert all(torch.equal(before[k], v) for k, v in teacher.net.state_dict().items())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([700.0, 300.0])
+    ref = _tiny_image_teacher()
+    ref.net.load_state_dict(other)
+    with torch.no_grad():
+        torch.testing.assert_close(fake(x, t, torch.tensor([0, 1])), ref(x, t, torch.tensor([0, 1])))
+    with pytest.raises(RuntimeError, match="missing"):
+        load_network_state(fake.net, {k: v for k, v in other.items() if "conv_in" not in k})
+
+
+def test_bf16_holds_frozen_weights_in_bf16_during_training_only(tmp_path: Path) -> None:
+    from fewstep.config import DMD2Config
+    from fewstep.methods.dmd2 import DMD2Method
+
+    teacher = _tiny_image_teacher()
+    cfg = DMD2Config(lora_rank=2, ttur=1, ema_decay=0.9, loop=_distill_loop(2, mixed_precision="bf16"))
+    m = DMD2Method(teacher, cfg)
+    seen: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
+
+    def sample_fn(step: int, path: Path) -> None:  # runs inside training
+        gen = m.players["generator"].ema
+        lora = next(p for n, p in gen.named_parameters() if ".lora_A." in n)
+        seen.append((teacher.net.conv_in.weight.dtype, lora.dtype, m.inference_model()(
+            torch.randn(1, 1, 8, 8), torch.tensor([999.0]), torch.tensor([1])).dtype))
+
+    row = train(m, TinyImages(), cfg.loop, tmp_path / "run", sample_fn=sample_fn, config=cfg)
+    assert math.isfinite(row["generator/loss"]) and math.isfinite(row["guidance/loss"])
+    assert seen and seen[0][:2] == (torch.bfloat16, torch.float32)  # frozen teacher in bf16, adapters (EMA) in fp32
+    # afterwards every weight is float32 again (evaluation and export run outside autocast)
+    for module in (teacher, m.players["generator"].ema, m.players["guidance"].module):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert m.inference_model()(torch.randn(1, 1, 8, 8), torch.tensor([999.0]), torch.tensor([1])).isfinite().all()
+
+
+def test_gradient_checkpointing_option_changes_memory_not_results(tmp_path: Path) -> None:
+    from fewstep.config import DMD2Config
+    from fewstep.methods.dmd2 import DMD2Method
+
+    rows, flags = [], []
+    for gc in (False, True):
+        cfg = DMD2Config(ttur=1, loop=_distill_loop(2, gradient_checkpointing=gc))
+        torch.manual_seed(0)
+        m = DMD2Method(_tiny_image_teacher(), cfg)
+        rows.append(train(m, TinyImages(), cfg.loop, tmp_path / f"run{gc}", config=cfg))
+        flags.append((m.players["generator"].module.module.denoiser.net.gradient_checkpointing
+                      if hasattr(m.players["generator"].module, "module")
+                      else m.players["generator"].module.denoiser.net.gradient_checkpointing,
+                      m.teacher.net.gradient_checkpointing))
+    assert flags == [(False, False), (True, False)]  # players only: the frozen teacher has no backward
+    for k in ("generator/loss", "guidance/loss"):
+        assert rows[1][k] == pytest.approx(rows[0][k], rel=1e-5, abs=1e-6), k

@@ -336,8 +336,10 @@ class DegradationPath:
 
     def load_into(self, denoiser: Denoiser, k: int) -> None:
         """Load ``D^(k)`` into ``denoiser`` (strict: every key, no prefix games)."""
+        from ..models.lora import load_network_state  # a LoRA fake score: into its base weights, adapters reset
+
         with torch.no_grad():
-            denoiser.net.load_state_dict(self.state(k), strict=True)
+            load_network_state(denoiser.net, self.state(k))
 
 
 def _save_checkpoint(denoiser: Denoiser, path: Path, meta: dict[str, Any]) -> None:

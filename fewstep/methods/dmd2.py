@@ -29,6 +29,7 @@ from ..config import DMD2Config
 from ..diffusion.denoiser import Denoiser, guided
 from ..diffusion.samplers import sample as teacher_sample, student_timesteps
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
+from ..models.lora import apply_lora, share_frozen_weights, trainable
 from ..train.teacher import warmup_schedule
 from .base import Batch, Method, Player, batch_cond
 
@@ -119,6 +120,9 @@ class DMD2Method(Method):
 
         generator = copy.deepcopy(teacher).train().requires_grad_(True)
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        if cfg.lora_rank is not None:  # LoRA players whose frozen base weights are the teacher's own
+            for copy_ in (generator, fake):
+                share_frozen_weights(apply_lora(copy_, cfg.lora_rank), self.teacher)
         head = None
         if cfg.gan:
             probe = torch.zeros((1, *teacher.sample_shape))
@@ -128,7 +132,7 @@ class DMD2Method(Method):
         g_mod, f_mod = Generator(generator), Guidance(fake, head)
 
         def player(module: nn.Module, lr: float) -> Player:
-            opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(cfg.adam_betas),
+            opt = torch.optim.AdamW(trainable(module), lr=lr, betas=tuple(cfg.adam_betas),
                                     weight_decay=cfg.weight_decay)
             return Player(module, opt, warmup_schedule(opt, cfg.warmup_iterations), cfg.grad_clip,
                           cfg.ema_decay if module is g_mod else None)

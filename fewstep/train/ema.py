@@ -13,6 +13,8 @@ class EMA:
 
     The warm-up (as in TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``) keeps the copy close to the
     trained weights early on, when the initialisation is still in a full-decay average. Buffers are copied as is.
+    Frozen parameters (``requires_grad=False``: a LoRA player's base weights) are not copied but shared with
+    ``module``: they never change, and an SDXL-sized base is not held twice.
 
     Args:
         module: the module to follow (an unwrapped one: pass ``accelerator.unwrap_model(module)``).
@@ -23,7 +25,11 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        memo = {id(p): p for p in module.parameters() if not p.requires_grad}  # shared, not copied
+        self.module = copy.deepcopy(module, memo).eval()
+        for p in self.module.parameters():
+            if id(p) not in memo:
+                p.requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step))
@@ -36,7 +42,8 @@ class EMA:
         params = [p.detach() for p in module.parameters()]
         assert len(ema_params) == len(params), "EMA and module have different parameters"
         for e, p in zip(ema_params, params):
-            e.lerp_(p.to(e.dtype), 1.0 - d)
+            if e is not p:  # shared frozen weights
+                e.lerp_(p.to(e.dtype), 1.0 - d)
         for e, b in zip(self.module.buffers(), module.buffers()):
             e.copy_(b)
 

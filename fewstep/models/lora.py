@@ -1,0 +1,137 @@
+"""LoRA players: low-rank adapters (PEFT) on a copy of the teacher, whose frozen base weights are the teacher's own.
+
+Every method builds its trained networks as copies of the teacher (DMD2's generator and fake score, ADD's student).
+With ``lora_rank`` set, :func:`apply_lora` injects PEFT LoRA layers into such a copy and freezes everything else, and
+:func:`share_frozen_weights` points the copy's frozen base weights at the teacher's parameters, so an SDXL-class
+teacher is held once in memory however many LoRA players sit on it (README, "Memory budget").
+
+Targets (default): every ``nn.Linear`` and ``nn.Conv2d`` of the network -- attention projections, feed-forwards,
+residual-block convolutions, time-embedding layers. ``B`` starts at zero, so a LoRA player starts exactly at the
+teacher. ``alpha`` defaults to ``rank`` (scale 1).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+#: the PEFT adapter name of fewstep's LoRA players
+ADAPTER = "default"
+
+
+def lora_targets(net: nn.Module, types: tuple[type, ...] = (nn.Linear, nn.Conv2d)) -> list[str]:
+    """Full names of the layers LoRA adapts by default: every Linear and Conv2d of ``net``."""
+    return [name for name, m in net.named_modules() if isinstance(m, types) and name]
+
+
+def apply_lora(
+    module: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    targets: Iterable[str] | None = None,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Inject LoRA adapters into ``module`` in place and freeze everything but them.
+
+    Args:
+        module: a network or a denoiser (its ``net`` is adapted).
+        rank: LoRA rank ``r`` (>= 1).
+        alpha: LoRA alpha (scale ``alpha / r``); None = ``rank``.
+        targets: names of the layers to adapt (default: :func:`lora_targets`).
+        dropout: dropout on the LoRA branch.
+
+    Returns:
+        ``module`` itself, with only the adapters' parameters requiring gradients.
+    """
+    if rank < 1:
+        raise UserError(f"lora_rank must be at least 1, got {rank}; or null for full fine-tuning")
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:  # pragma: no cover - peft is a dependency
+        raise UserError(f"LoRA players need peft ({e}); pip install peft") from None
+    net = getattr(module, "net", module)
+    names = list(targets) if targets is not None else lora_targets(net)
+    if not names:
+        raise UserError(f"{type(net).__name__} has no Linear or Conv2d layers for LoRA; set lora_rank: null")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=names,
+                     lora_dropout=dropout, init_lora_weights=True)
+    inject_adapter_in_model(cfg, net, adapter_name=ADAPTER)
+    for name, p in net.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return module
+
+
+def has_lora(module: nn.Module) -> bool:
+    return any(".lora_A." in name for name, _ in module.named_parameters())
+
+
+def base_name(name: str) -> str:
+    """The teacher's name of a LoRA-adapted network's base parameter (``x.base_layer.weight`` -> ``x.weight``)."""
+    return name.replace(".base_layer.", ".")
+
+
+def share_frozen_weights(module: nn.Module, source: nn.Module) -> int:
+    """Make ``module``'s frozen parameters *be* ``source``'s parameters of the same (base) name and shape.
+
+    For a LoRA copy of the teacher this stores the base weights once. Nothing may write to shared weights (they are
+    frozen in both; a method that loads other weights into a player -- DisBack's fake score starting from the end of
+    its degradation path -- uses :func:`load_network_state`, which unshares first). Returns how many were shared.
+    """
+    src = dict(source.named_parameters())
+    shared = 0
+    for name, p in list(module.named_parameters()):
+        if p.requires_grad:
+            continue
+        q = src.get(base_name(name))
+        if q is None or q is p or q.shape != p.shape or q.requires_grad:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, leaf, q)
+        shared += 1
+    return shared
+
+
+def load_network_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a plain network state (the teacher's key names) into ``net``, strictly.
+
+    For a LoRA-adapted ``net`` the state goes into the base weights (as new tensors: weights shared with the teacher
+    are unshared, never overwritten) and the adapters are reset to zero (``B = 0``), so ``net`` computes exactly the
+    loaded network.
+    """
+    if not has_lora(net):
+        net.load_state_dict(state, strict=True)
+        return
+    params = dict(net.named_parameters())
+    buffers = dict(net.named_buffers())
+    expected = {base_name(n) for n in params if ".lora_" not in n} | {base_name(n) for n in buffers}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise RuntimeError(f"state does not match the network: missing {sorted(missing)[:5]}, unexpected "
+                           f"{sorted(unexpected)[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if ".lora_" in name:
+                if ".lora_B." in name:
+                    p.zero_()
+                continue
+            parent, _, leaf = name.rpartition(".")
+            owner = net.get_submodule(parent) if parent else net
+            value = state[base_name(name)].to(device=p.device, dtype=p.dtype)
+            setattr(owner, leaf, nn.Parameter(value.clone(), requires_grad=p.requires_grad))
+        for name, b in buffers.items():
+            b.copy_(state[base_name(name)])
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should hold (LoRA players: the adapters and any unfrozen head)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def lora_state(module: nn.Module) -> dict[str, Any]:
+    """The adapters' weights alone, in PEFT's key format (``...lora_A.weight``), for saving a LoRA student."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(getattr(module, "net", module), adapter_name=ADAPTER)
