@@ -1,5 +1,5 @@
-"""Evaluation: Frechet distance, digits-feature FID, Inception FID, precision/recall, class accuracy, 2-D metrics;
-sample grids, plots and the HTML report.
+"""Evaluation: Frechet distance, digits-feature FID, Inception FID, patch FID, CLIP score, precision/recall, class
+accuracy, 2-D metrics; sample grids, plots and the HTML report.
 
 Names are imported lazily (PEP 562) so ``import fewstep.eval`` stays light (no matplotlib, no torchmetrics) and
 ``python -m fewstep.eval.classifier`` runs without the package importing its own ``__main__``.
@@ -20,6 +20,9 @@ _EXPORTS = {
     "save_classifier": "classifier",
     "load_digits_classifier": "classifier",
     "inception_fid": "inception",
+    "patch_fid": "inception",
+    "clip_score": "clip",
+    "load_clip": "clip",
     "save_grid": "images",
     "save_points": "images",
     "plot_curves": "images",
