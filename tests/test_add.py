@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from fewstep.config import LoopConfig
 from fewstep.diffusion.denoiser import Denoiser, guided
 from fewstep.diffusion.samplers import student_timesteps
 from fewstep.diffusion.schedule import DDPMSchedule, bcast
@@ -34,8 +33,6 @@ from fewstep.methods.add import (
     nfsd_target,
     score_distillation_loss,
 )
-from fewstep.methods.base import Batch
-from fewstep.models import ClassUNet, PointMLP
 from fewstep.models.discriminators import ADDDiscriminator, ProjectionHead, hinge_d_loss, hinge_g_loss, r1_penalty
 from fewstep.models.features import (
     DigitsFeatures,
@@ -45,6 +42,8 @@ from fewstep.models.features import (
     build_feature_network,
     multi_features,
 )
+import tiny
+from tiny import image_batch, image_teacher, params, point_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULES = {
@@ -57,37 +56,12 @@ SCHEDULES = {
 # Tiny networks
 # ------------------------------------------------------------------------------------------------------------------
 def point_teacher(seed: int = 0, num_classes: int = 0, schedule=None) -> Denoiser:
-    torch.manual_seed(seed)
-    net = PointMLP(width=32, depth=2, num_classes=num_classes)
-    torch.nn.init.normal_(net.out.weight, std=0.3)  # a teacher whose output depends on x_t, t and the class
-    return Denoiser(net, schedule or DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (2,),
-                    num_classes=num_classes)
-
-
-def image_teacher(seed: int = 0) -> Denoiser:
-    torch.manual_seed(seed)
-    net = ClassUNet(base_channels=8, num_classes=10, resolution=8)
-    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
-    return Denoiser(net, DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (1, 8, 8), num_classes=10)
-
-
-def point_batch(n: int = 64, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, 2, generator=g) * 0.5 + 0.3)
-
-
-def image_batch(n: int = 8, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g))
+    return tiny.point_teacher(seed, num_classes, schedule, out_std=0.3)  # output depends on x_t, t and the class
 
 
 def add(teacher: Denoiser, seed: int = 0, **cfg) -> ADDMethod:
     torch.manual_seed(seed)
     return ADDMethod(teacher, ADDConfig(**cfg))
-
-
-def params(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 class TinyStudent(nn.Module):

@@ -13,12 +13,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from torch.testing import assert_close
 
 from fewstep.config import LoopConfig, validate_config
 from fewstep.diffusion.denoiser import CFGDenoiser, Denoiser
 from fewstep.diffusion.samplers import sample, sample_student, student_timesteps
-from fewstep.diffusion.schedule import DDPMSchedule
 from fewstep.errors import UserError
 from fewstep.methods.base import Batch
 from fewstep.methods.disback import (
@@ -31,7 +29,8 @@ from fewstep.methods.disback import (
     record_degradation_path,
 )
 from fewstep.methods.dmd2 import _unwrap
-from fewstep.models import ClassUNet, PointMLP
+from tiny import image_teacher, point_teacher
+from tiny import point_batch as tiny_point_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,18 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------------------------
-def point_teacher(seed: int = 0) -> Denoiser:
-    torch.manual_seed(seed)
-    return Denoiser(PointMLP(width=32, depth=2), DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (2,))
-
-
-def image_teacher(seed: int = 0) -> Denoiser:
-    torch.manual_seed(seed)
-    net = ClassUNet(base_channels=8, num_classes=10, resolution=8)
-    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
-    return Denoiser(net, DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (1, 8, 8), num_classes=10)
-
-
 def disback(teacher: Denoiser, path_dir: Path, seed: int = 0, dmd2: dict | None = None, **cfg) -> DisBackMethod:
     cfg.setdefault("record_checkpoints", 3)
     cfg.setdefault("record_every", 4)
@@ -63,8 +50,7 @@ def disback(teacher: Denoiser, path_dir: Path, seed: int = 0, dmd2: dict | None 
 
 
 def point_batch(n: int = 16, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, 2, generator=g) * 0.5 + 0.3)
+    return tiny_point_batch(n, seed)
 
 
 def net_state(den: Denoiser) -> dict[str, torch.Tensor]:

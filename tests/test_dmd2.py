@@ -28,10 +28,9 @@ from fewstep.diffusion import samplers
 from fewstep.diffusion.denoiser import CFGDenoiser, Denoiser
 from fewstep.diffusion.schedule import DDPMSchedule, bcast
 from fewstep.errors import UserError
-from fewstep.methods.base import Batch
 from fewstep.methods.dmd2 import DMD2Method, distribution_matching_grad, distribution_matching_loss
-from fewstep.models import ClassUNet, PointMLP
 from fewstep.models.discriminators import FeatureHead
+from tiny import image_batch, image_teacher, params, point_batch, point_teacher
 
 
 
@@ -256,37 +255,9 @@ def test_teacher_alone_collapses_the_scale():
 # ------------------------------------------------------------------------------------------------------------------
 # 2. DMD2Method on tiny networks
 # ------------------------------------------------------------------------------------------------------------------
-def point_teacher(seed: int = 0) -> Denoiser:
-    torch.manual_seed(seed)
-    # trainable and in train mode, as a freshly built network: DMD2Method must freeze it itself
-    return Denoiser(PointMLP(width=32, depth=2), DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (2,))
-
-
-def image_teacher(seed: int = 0) -> Denoiser:
-    torch.manual_seed(seed)
-    net = ClassUNet(base_channels=8, num_classes=10, resolution=8)
-    # the UNet's output conv starts at zero; give it weights so that the class input changes the prediction
-    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
-    return Denoiser(net, DDPMSchedule(rescale_zero_terminal_snr=True), "v_prediction", (1, 8, 8), num_classes=10)
-
-
 def dmd2(teacher: Denoiser, seed: int = 0, **cfg) -> DMD2Method:
     torch.manual_seed(seed)
     return DMD2Method(teacher, DMD2Config(**cfg))
-
-
-def point_batch(n: int = 64, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, 2, generator=g) * 0.5 + 0.3)
-
-
-def image_batch(n: int = 8, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return Batch(torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g))
-
-
-def params(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def grads(module):
