@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--distill-iterations", type=_positive_int("--distill-iterations"), default=1500,
                     help="DMD2 iterations of the demo's student (default 1500)")
 
+    # fewstep export
+    ex = sub.add_parser("export", help="export a student of a diffusers teacher: a diffusers pipeline or a LoRA")
+    ex.add_argument("--student", required=True, help="the run directory of `fewstep distill`")
+    ex.add_argument("--format", default="diffusers", help="diffusers (a pipeline folder) or lora (LoRA weights for "
+                    "the teacher pipeline)")
+    ex.add_argument("--out", required=True, type=_new_path, help="the folder to write (must not exist)")
+    ex.add_argument("--rank", type=_positive_int("--rank"), default=64,
+                    help="LoRA rank of the SVD extraction of a full-weight student (--format lora; default 64)")
+
     # fewstep zoo build | list
     zo = sub.add_parser("zoo", help="list or rebuild the shipped embedded weights")
     zsub = zo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
@@ -270,11 +279,19 @@ def _cmd_zoo(a: argparse.Namespace) -> None:
     print(f"{a.name} written to {path}.safetensors")
 
 
+def _cmd_export(a: argparse.Namespace) -> None:
+    from .export import FORMATS, export
+
+    _check_choice(a.format, FORMATS, "export format")
+    out = export(a.student, a.format, a.out, rank=a.rank)
+    print(f"{a.format} export written to {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     handlers = {"eval": _cmd_eval, "demo": _cmd_demo, "zoo": _cmd_zoo, "distill": _cmd_distill,
-                "sample": _cmd_sample}
+                "sample": _cmd_sample, "export": _cmd_export}
     try:
         if a.command == "teacher":
             (_cmd_teacher_train if a.teacher_command == "train" else _cmd_teacher_sample)(a)

@@ -584,7 +584,7 @@ def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torc
         comps = _check_pipeline_folder(folder)
         name = next(n for n in DENOISER_COMPONENTS if n in comps and comps[n][1])
         extra = {name: model} if model is not None else {}
-        if model is not None:
+        if model is not None and next(model.parameters()).dtype != dtype:
             model.to(dtype)
         pipe = load_pipeline(folder, torch_dtype=dtype, **extra)
         net_model = getattr(pipe, name)

@@ -1,0 +1,279 @@
+"""Export a student distilled from a diffusers teacher: a diffusers pipeline folder, or a LoRA for the teacher pipeline.
+
+``fewstep export --student RUN --format diffusers|lora --out DIR`` (Python: :func:`export`).
+
+**diffusers** writes the teacher's pipeline with the student's weights and a scheduler that *is* our k-step student
+sampler (:func:`fewstep.diffusion.samplers.sample_student`: predict ``x0``, re-noise it with fresh noise to the next
+time, repeat), so ``DiffusionPipeline.from_pretrained(DIR)(..., num_inference_steps=k)`` samples as we do:
+
+* DDPM-family teachers get an ``LCMScheduler``. Its multistep step is exactly ours (denoise, then
+  ``x = sqrt(abar_next) x0 + sqrt(1 - abar_next) z`` with fresh ``z``; the last step returns ``x0``); its consistency
+  boundary scalings ``c_skip, c_out`` are switched off with a huge ``timestep_scaling`` (``c_skip < 1e-12``), and with
+  ``original_inference_steps = k`` its timesteps ``[j T/k - 1]`` are our trailing ones whenever ``k`` divides ``T``
+  (k = 1, 2, 4, 5, 8 for T = 1000). For other ``k`` the folder's ``fewstep_export.json`` lists the exact timesteps to
+  pass as ``pipe(timesteps=...)``.
+* Flow-matching teachers (SD3, Flux) get their ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling=True``
+  (denoise, re-noise to the next sigma with fresh noise), whose sigma grid is our flow schedule's.
+
+One difference is by design: diffusers starts from ``z`` (``init_noise_sigma = 1``) where our sampler starts from
+``sigma_{t_1} z`` (0.998 z on SD's schedule at t = 999, exactly z on zero-terminal-SNR and flow schedules). Prompts
+were distilled with CFG baked in: call the pipeline with ``guidance_scale=1`` (DiT: ``guidance_scale=1``).
+
+**lora** writes ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(DIR)`` accepts on the original
+teacher pipeline (pipelines with a LoRA loader: Stable Diffusion 1.x/2.x, SDXL, SD3, Flux), plus the scheduler in
+``DIR/scheduler`` to swap in (``pipe.scheduler = LCMScheduler.from_pretrained(DIR, subfolder="scheduler")``):
+
+* a student trained as a LoRA (PEFT adapters in its network) exports its adapters as they are;
+* a student trained as full weights is approximated by a truncated SVD of each Linear/Conv2d weight difference
+  ``W_student - W_teacher = U S V^T ~ (U_r S_r) V_r^T`` (``B = U_r S_r``, ``A = V_r^T``, scale 1). Biases,
+  normalisation and embedding changes cannot be carried by a LoRA; ``fewstep_export.json`` reports the share of the
+  weight change that is left out (``lora_residual``, 0 = exact).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+
+FORMATS = ("diffusers", "lora")
+#: LCM's boundary-condition time scale; this large, c_skip = 0 and c_out = 1 to float precision for t >= 1
+TIMESTEP_SCALING = 1.0e6
+
+
+def _load_student(student: Any) -> Any:
+    from .student import Student
+
+    if isinstance(student, Student):
+        return student
+    from .api import load_model
+
+    model = load_model(student)
+    if not isinstance(model, Student):
+        raise UserError(f"{student} is a teacher, not a student; give the run directory of `fewstep distill`")
+    return model
+
+
+def _diffusers_generator(student: Any) -> Any:
+    from .models.hf import DiffusersDenoiser
+
+    den = student.generator
+    if not isinstance(den, DiffusersDenoiser):
+        raise UserError(f"export needs a student distilled from a diffusers teacher; this one is fewstep's embedded "
+                        f"{type(den.net).__name__} network, which diffusers cannot load (sample it with `fewstep "
+                        "sample`)")
+    return den
+
+
+def _plain_model(den: Any) -> nn.Module:
+    """The student's diffusers model with any LoRA adapters merged into its weights (a copy)."""
+    net = copy.deepcopy(den.net)
+    if any(".lora_A." in n for n, _ in net.named_parameters()):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in net.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        _strip_lora(net)
+    return net.model.float().eval().requires_grad_(False)
+
+
+def _strip_lora(net: nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(net.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, leaf, module.get_base_layer())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scheduler that is our student sampler
+# ----------------------------------------------------------------------------------------------------------------
+def student_scheduler(den: Any, timesteps: Tensor, base_config: dict[str, Any]) -> tuple[Any, list[float] | None]:
+    """A diffusers scheduler that runs the k-step student sampler (see the module docstring), and the timesteps to
+    pass explicitly when its ``set_timesteps(k)`` does not give the student's own (else None)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+    k = len(timesteps)
+    ts = [float(t) for t in timesteps]
+    if den.schedule.kind == "flow":
+        cfg = {key: v for key, v in base_config.items() if not key.startswith("_")}
+        sched = FlowMatchEulerDiscreteScheduler.from_config({**cfg, "stochastic_sampling": True})
+        if sched.config.get("use_dynamic_shifting"):
+            return sched, None  # the pipeline computes mu from the resolution; the student's shift is that one
+        sched.set_timesteps(k)
+        same = torch.allclose(sched.sigmas[:-1].float(), timesteps.float().cpu(), atol=1e-5)
+        return sched, None if same else [t * den.schedule.num_train_timesteps for t in ts]
+    s = den.schedule
+    sched = LCMScheduler(
+        num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+        beta_schedule=s.beta_schedule, original_inference_steps=k, clip_sample=False, set_alpha_to_one=True,
+        steps_offset=0, prediction_type=den.prediction_type, thresholding=False, timestep_spacing="leading",
+        timestep_scaling=TIMESTEP_SCALING, rescale_betas_zero_snr=s.rescale_zero_snr)
+    sched.set_timesteps(k)
+    same = [int(t) for t in sched.timesteps] == [int(round(t)) for t in ts]
+    return sched, None if same else [int(round(t)) for t in ts]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------------
+def lora_from_difference(student: nn.Module, teacher: nn.Module, rank: int, atol: float = 0.0
+                         ) -> tuple[dict[str, Tensor], float]:
+    """PEFT-format LoRA weights (``<layer>.lora_A.weight``, ``<layer>.lora_B.weight``) approximating
+    ``student - teacher`` on every Linear/Conv2d by a rank-``rank`` truncated SVD, and the share of the total weight
+    change (Frobenius norm over every parameter) that they leave out."""
+    teacher_mods = dict(teacher.named_modules())
+    state: dict[str, Tensor] = {}
+    left, total = 0.0, 0.0
+    covered: set[str] = set()
+    for name, m in student.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or not name:
+            continue
+        t = teacher_mods[name]
+        delta = (m.weight.detach().double() - t.weight.detach().double())
+        covered.add(f"{name}.weight")
+        if float(delta.abs().max()) <= atol:
+            continue
+        flat = delta.reshape(delta.shape[0], -1)
+        u, sv, vh = torch.linalg.svd(flat, full_matrices=False)
+        r = min(rank, len(sv))
+        b, a = (u[:, :r] * sv[:r]), vh[:r]
+        left += float((flat - b @ a).pow(2).sum())
+        if isinstance(m, nn.Conv2d):
+            a = a.reshape(r, *delta.shape[1:])
+            b = b.reshape(delta.shape[0], r, 1, 1)
+        state[f"{name}.lora_A.weight"] = a.float().contiguous()
+        state[f"{name}.lora_B.weight"] = b.float().contiguous()
+    t_params = dict(teacher.named_parameters())
+    for pname, p in student.named_parameters():
+        d = float((p.detach().double() - t_params[pname].detach().double()).pow(2).sum())
+        total += d
+        if pname not in covered:
+            left += d
+    return state, (left / total) ** 0.5 if total > 0 else 0.0
+
+
+def lora_of_student(den: Any) -> dict[str, Tensor] | None:
+    """The PEFT adapters of a LoRA-trained student, keyed as the diffusers model's modules (None: not a LoRA)."""
+    if not any(".lora_A." in n for n, _ in den.net.named_parameters()):
+        return None
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(den.net)
+    return {k.removeprefix("model."): v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------------
+def export(student: Any, format: str = "diffusers", out: str | Path = "export", rank: int = 64) -> Path:
+    """Export a distilled student for diffusers.
+
+    Args:
+        student: a ``fewstep distill`` run directory (or its ``student.json``), or a :class:`~fewstep.Student`.
+        format: ``diffusers`` (a pipeline folder) or ``lora`` (LoRA weights for the teacher pipeline).
+        out: the folder to write (must not exist).
+        rank: the LoRA rank of a full-weight student's SVD extraction (``lora`` only).
+
+    Returns:
+        ``out``.
+    """
+    from .models.hf import DENOISER_COMPONENTS, _model_class
+
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}; use diffusers or lora")
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose a new --out (exports are never overwritten)")
+    st = _load_student(student)
+    den = _diffusers_generator(st)
+    comps = den.components
+    folder = comps.folder
+    model = _plain_model(den)
+    pipeline = (folder / "model_index.json").is_file()
+    info: dict[str, Any] = {"format": format, "steps": st.steps, "timesteps": [float(t) for t in st.timesteps],
+                            "teacher": str(folder), "prediction_type": den.prediction_type,
+                            "schedule": den.schedule.to_config(), "guidance_scale": 1.0}
+    if pipeline:
+        index = json.loads((folder / "model_index.json").read_text())
+        name = next(n for n in DENOISER_COMPONENTS if n in index and index[n][1])
+        base_sched = dict(comps.pipe.scheduler.config)
+    else:
+        name = "unet" if den.net.family == "unet" else "transformer"
+        base_sched = json.loads(next(p for p in (folder / "scheduler_config.json",
+                                                 folder.parent / "scheduler" / "scheduler_config.json")
+                                     if p.is_file()).read_text())
+    sched, explicit = student_scheduler(den, st.timesteps, base_sched)
+    info["scheduler"] = type(sched).__name__
+    if explicit is not None:
+        info["pass_timesteps"] = explicit
+    if format == "diffusers":
+        _export_pipeline(den, model, name, sched, out, pipeline)
+    else:
+        if not pipeline:
+            raise UserError(f"{folder} is a bare model folder; a LoRA is loaded into a pipeline "
+                            "(pipe.load_lora_weights) -- distill from the pipeline folder, or use --format diffusers")
+        pipe_cls = type(comps.pipe)
+        if not hasattr(pipe_cls, "save_lora_weights"):
+            raise UserError(f"{pipe_cls.__name__} has no LoRA loader (load_lora_weights); use --format diffusers")
+        lora = lora_of_student(den)
+        if lora is not None:
+            info.update(lora_source="adapters", lora_residual=0.0)
+        else:
+            teacher_model = _model_class(type(model).__name__).from_pretrained(str(folder / name),
+                                                                               local_files_only=True)
+            lora, residual = lora_from_difference(model, teacher_model.float(), rank)
+            info.update(lora_source="svd", rank=rank, lora_residual=residual)
+            if not lora:
+                raise UserError("the student's Linear/Conv2d weights equal the teacher's; there is no LoRA to export")
+        out.mkdir(parents=True)
+        pipe_cls.save_lora_weights(str(out), **{f"{name}_lora_layers": lora}, safe_serialization=True)
+        sched.save_pretrained(str(out / "scheduler"))
+    (out / "fewstep_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "README.md").write_text(_card(info, name))
+    return out
+
+
+def _export_pipeline(den: Any, model: nn.Module, name: str, sched: Any, out: Path, pipeline: bool) -> None:
+    from .models.hf import load_pipeline
+
+    folder = den.components.folder
+    if pipeline:
+        pipe = load_pipeline(folder, **{name: model})
+        pipe.scheduler = sched
+        pipe.register_to_config(scheduler=(sched.__module__.split(".")[0], type(sched).__name__))
+        pipe.save_pretrained(str(out))
+    elif den.net.family == "unet":
+        from diffusers import DDPMPipeline
+
+        DDPMPipeline(unet=model, scheduler=sched).save_pretrained(str(out))
+    else:  # a bare transformer without a VAE: the model and its scheduler side by side
+        model.save_pretrained(str(out))
+        sched.save_config(str(out))
+
+
+def _card(info: dict[str, Any], name: str) -> str:
+    steps = info["steps"]
+    extra = (f", timesteps={info['pass_timesteps']}" if "pass_timesteps" in info else "")
+    if info["format"] == "diffusers":
+        use = (f"```python\nfrom diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained(DIR)\n"
+               f"images = pipe(..., num_inference_steps={steps}, guidance_scale=1.0{extra}).images\n```\n")
+    else:
+        use = (f"```python\npipe = DiffusionPipeline.from_pretrained(\"{info['teacher']}\")\n"
+               f"pipe.load_lora_weights(DIR)\npipe.scheduler = {info['scheduler']}.from_pretrained(DIR, "
+               f"subfolder=\"scheduler\")\nimages = pipe(..., num_inference_steps={steps}, guidance_scale=1.0{extra})"
+               f".images\n```\n")
+    return (f"# fewstep {steps}-step student ({info['format']})\n\nDistilled from `{info['teacher']}` with fewstep; "
+            f"sampled by `{info['scheduler']}` as fewstep's {steps}-step student sampler.\n\n{use}")
+
+
+__all__ = ["export", "student_scheduler", "lora_from_difference", "lora_of_student", "FORMATS"]

@@ -1,0 +1,238 @@
+"""Export round trips: diffusers' own pipelines load what ``fewstep export`` writes and sample what our sampler does.
+
+Students are distilled for two iterations from tiny pipelines (``hf_tiny``); the images of diffusers'
+``DiffusionPipeline.from_pretrained(out)(..., num_inference_steps=k)`` are compared with our k-step student sampler
+on the same initial noise and the same re-noising draws. Tolerance: 1e-4 on images in [0, 1] (float32; only the
+order of operations differs). Our sampler starts from ``sigma_{t_1} z``, diffusers from ``z``: we pass
+``z / sigma_{t_1}`` to ours.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hf_tiny
+from fewstep import Student, UserError, distill, export, load_model, load_teacher
+from fewstep.diffusion.samplers import sample_student
+from fewstep.export import lora_from_difference
+
+warnings.filterwarnings("ignore")
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two-iteration DMD2 students of a pixel UNet (2 steps), an SD-like text-to-image pipeline (2 steps) and SD3
+    (1 step), distilled once."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("export")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    hf_tiny.unet2d(folder=root / "unet")
+    hf_tiny.sd_pipeline(root / "sd")
+    hf_tiny.sd3_pipeline(root / "sd3")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a picture of {i}")
+    common = dict(data=str(images), method="dmd2", iterations=2, batch_size=2, sample_every=0, checkpoint_every=100,
+                  progress=False, evaluate_n=0)
+    for name, steps in (("unet", 2), ("sd", 2), ("sd3", 1)):
+        distill(teacher=str(root / name), steps=steps, out=root / f"run_{name}", **common)
+    yield root
+    mp.undo()
+
+
+def _to_unit(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+
+def ours(student, z, cond, seed):
+    """Our student sampler from diffusers' initial latents ``z``, re-noising with a generator seeded ``seed``."""
+    _, s0 = student.schedule.alpha_sigma(student.timesteps[:1])
+    gen = torch.Generator().manual_seed(seed)
+    x = sample_student(student.generator, z / s0, student.timesteps, cond, generator=gen)
+    return _to_unit(student.generator.decode(x))
+
+
+def _pipe(folder, **kw):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(folder), **kw)
+
+
+SD3_KW = {"text_encoder_3": None, "tokenizer_3": None}  # the tiny SD3 pipeline has no T5
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# diffusers format
+# ------------------------------------------------------------------------------------------------------------------
+def test_pixel_unet_pipeline_round_trip(runs, tmp_path):
+    from diffusers import LCMScheduler
+
+    out = export(str(runs / "run_unet"), "diffusers", tmp_path / "out")
+    student = load_model(runs / "run_unet")
+    pipe = _pipe(out)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.timesteps.tolist() == student.timesteps.long().tolist() == [999, 499]
+    gen = torch.Generator().manual_seed(3)
+    got = pipe(batch_size=2, num_inference_steps=2, generator=gen, output_type="np").images
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn((2, 3, 8, 8), generator=gen)  # what DDPMPipeline draws first; the re-noising draws follow
+    _, s0 = student.schedule.alpha_sigma(student.timesteps[:1])
+    x = sample_student(student.generator, z / s0, student.timesteps, None, generator=gen)
+    np.testing.assert_allclose(got, _to_unit(x), atol=ATOL)
+    info = json.loads((out / "fewstep_export.json").read_text())
+    assert info["steps"] == 2 and info["scheduler"] == "LCMScheduler" and "pass_timesteps" not in info
+
+
+def test_text_to_image_pipeline_round_trip(runs, tmp_path):
+    out = export(str(runs / "run_sd"), "diffusers", tmp_path / "out")
+    student = load_model(runs / "run_sd")
+    pipe = _pipe(out)
+    prompt = ["a picture of 3", "something else"]
+    gen = torch.Generator().manual_seed(5)
+    got = pipe(prompt, num_inference_steps=2, guidance_scale=1.0, generator=gen, height=16, width=16,
+               output_type="np").images
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn((2, 4, 8, 8), generator=gen)
+    cond = student.generator.encode_prompts(prompt)
+    _, s0 = student.schedule.alpha_sigma(student.timesteps[:1])
+    x = sample_student(student.generator, z / s0, student.timesteps, cond, generator=gen)
+    np.testing.assert_allclose(got, _to_unit(student.generator.decode(x)), atol=ATOL)
+
+
+def test_flow_pipeline_round_trip(runs, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    out = export(str(runs / "run_sd3"), "diffusers", tmp_path / "out")
+    student = load_model(runs / "run_sd3")
+    pipe = _pipe(out, **SD3_KW)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.stochastic_sampling
+    gen = torch.Generator().manual_seed(7)
+    got = pipe("a picture of 1", num_inference_steps=1, guidance_scale=1.0, generator=gen, height=16, width=16,
+               output_type="np").images
+    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    np.testing.assert_allclose(got, ours(student, z, student.generator.encode_prompts(["a picture of 1"]), 0),
+                               atol=ATOL)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LoRA format
+# ------------------------------------------------------------------------------------------------------------------
+def _sd_lora_images(teacher_folder, lora_dir, prompt, seed, steps):
+    from diffusers import LCMScheduler
+
+    pipe = _pipe(teacher_folder)
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.scheduler = LCMScheduler.from_pretrained(str(lora_dir), subfolder="scheduler")
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, generator=gen, height=16, width=16,
+                output_type="np").images
+
+
+def _perturbed_student(runs, lora: bool):
+    """A 2-step student of the SD pipeline whose Linear/Conv2d weights (only) differ from the teacher's: by a random
+    full-rank change (a LoRA of full rank captures it exactly), or by PEFT adapters (a LoRA-trained student)."""
+    teacher = load_teacher(str(runs / "sd"))
+    den = copy.deepcopy(teacher)
+    torch.manual_seed(0)
+    if lora:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = [n for n, m in den.net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=targets), den.net)
+        with torch.no_grad():
+            for n, p in den.net.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(0, 0.05)
+    else:
+        with torch.no_grad():
+            for m in den.net.modules():
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                    m.weight.add_(0.05 * torch.randn_like(m.weight))
+    return Student(den, torch.tensor([999.0, 499.0]))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["svd", "adapters"])
+def test_lora_round_trip_is_exact_when_the_change_is_low_rank_representable(runs, tmp_path, lora):
+    student = _perturbed_student(runs, lora)
+    out = export(student, "lora", tmp_path / "lora", rank=64)
+    info = json.loads((out / "fewstep_export.json").read_text())
+    assert info["lora_source"] == ("adapters" if lora else "svd") and info["lora_residual"] < 1e-6
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    prompt = ["a picture of 2"]
+    got = _sd_lora_images(runs / "sd", out, prompt, 11, 2)
+    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11))
+    gen = torch.Generator().manual_seed(11)
+    torch.randn((1, 4, 8, 8), generator=gen)  # the initial draw; the re-noising draws follow in the pipeline
+    _, s0 = student.schedule.alpha_sigma(student.timesteps[:1])
+    x = sample_student(student.generator, z / s0, student.timesteps, student.generator.encode_prompts(prompt),
+                       generator=gen)
+    np.testing.assert_allclose(got, _to_unit(student.generator.decode(x)), atol=ATOL)
+
+
+def test_lora_of_a_distilled_full_weight_student(runs, tmp_path):
+    out = export(str(runs / "run_sd"), "lora", tmp_path / "lora", rank=2)
+    info = json.loads((out / "fewstep_export.json").read_text())
+    assert info["lora_source"] == "svd" and info["rank"] == 2 and 0 < info["lora_residual"] < 1
+    images = _sd_lora_images(runs / "sd", out, ["a picture of 4"], 1, 2)
+    assert np.isfinite(images).all() and images.shape == (1, 16, 16, 3)
+
+
+def test_svd_extraction_by_hand():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Conv2d(5, 4, 3))
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight += torch.randn(5, 1) @ torch.randn(1, 6)  # rank 1
+        student[1].weight += torch.randn_like(student[1].weight)
+        student[1].bias += 1.0  # a bias change: not a LoRA's to carry
+    state, residual = lora_from_difference(student, teacher, rank=1)
+    a, b = state["0.lora_A.weight"], state["0.lora_B.weight"]
+    torch.testing.assert_close(teacher[0].weight + b @ a, student[0].weight, atol=1e-5, rtol=0)
+    assert state["1.lora_A.weight"].shape == (1, 5, 3, 3) and state["1.lora_B.weight"].shape == (4, 1, 1, 1)
+    assert 0 < residual < 1
+    full, res_full = lora_from_difference(student, teacher, rank=100)
+    assert full["1.lora_A.weight"].shape[0] == 4  # capped at the layer's rank
+    assert res_full == pytest.approx(2.0 / float(((student[1].weight - teacher[1].weight) ** 2).sum()
+                                                 + 4 + ((student[0].weight - teacher[0].weight) ** 2).sum()) ** 0.5,
+                                     rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Errors and the CLI
+# ------------------------------------------------------------------------------------------------------------------
+def test_embedded_students_and_bad_input_are_user_errors(runs, tmp_path):
+    embedded = Student(load_teacher("digits"), torch.tensor([999.0]))
+    with pytest.raises(UserError, match="diffusers teacher"):
+        export(embedded, "diffusers", tmp_path / "a")
+    with pytest.raises(UserError, match="format"):
+        export(str(runs / "run_unet"), "onnx", tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        export(str(runs / "run_unet"), "diffusers", tmp_path / "c")
+    with pytest.raises(UserError, match="LoRA loader"):  # DDPMPipeline cannot load_lora_weights
+        export(str(runs / "run_unet"), "lora", tmp_path / "d")
+    with pytest.raises(UserError, match="teacher, not a student"):
+        export(str(runs / "unet"), "diffusers", tmp_path / "e")
+
+
+def test_cli_export(runs, tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["export", "--student", str(runs / "run_unet"), "--format", "diffusers", "--out", str(out)]) in (0, None)
+    assert (out / "model_index.json").is_file() and str(out) in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--student", str(runs / "run_unet"), "--format", "diffusers", "--out", str(out)])
+    assert e.value.code == 2
