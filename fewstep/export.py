@@ -15,6 +15,10 @@ time, repeat), so ``DiffusionPipeline.from_pretrained(DIR)(..., num_inference_st
 * Flow-matching teachers (SD3, Flux) get their ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling=True``
   (denoise, re-noise to the next sigma with fresh noise), whose sigma grid is our flow schedule's.
 
+Lightning's students take deterministic ODE steps instead (``x0_hat``, then the DDIM step to the next time): they get
+a ``DDIMScheduler`` with ``timestep_spacing="trailing"`` and ``set_alpha_to_one=True`` (flow: the deterministic
+``FlowMatchEulerDiscreteScheduler``, the same step).
+
 One difference is by design: diffusers starts from ``z`` (``init_noise_sigma = 1``) where our sampler starts from
 ``sigma_{t_1} z`` (0.998 z on SD's schedule at t = 999, exactly z on zero-terminal-SNR and flow schedules). Prompts
 were distilled with CFG baked in: call the pipeline with ``guidance_scale=1`` (DiT: ``guidance_scale=1``).
@@ -95,22 +99,35 @@ def _strip_lora(net: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The scheduler that is our student sampler
 # ----------------------------------------------------------------------------------------------------------------
-def student_scheduler(den: Any, timesteps: Tensor, base_config: dict[str, Any]) -> tuple[Any, list[float] | None]:
+def student_scheduler(den: Any, timesteps: Tensor, base_config: dict[str, Any], ode: bool = False
+                      ) -> tuple[Any, list[float] | None]:
     """A diffusers scheduler that runs the k-step student sampler (see the module docstring), and the timesteps to
-    pass explicitly when its ``set_timesteps(k)`` does not give the student's own (else None)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+    pass explicitly when its ``set_timesteps(k)`` does not give the student's own (else None).
+
+    ``ode``: the student takes deterministic ODE steps (Lightning's students: DDIM from ``x0_hat`` to the next time),
+    so the scheduler is DDIM with trailing spacing (flow: the deterministic flow-matching Euler step)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
     k = len(timesteps)
     ts = [float(t) for t in timesteps]
     if den.schedule.kind == "flow":
         cfg = {key: v for key, v in base_config.items() if not key.startswith("_")}
-        sched = FlowMatchEulerDiscreteScheduler.from_config({**cfg, "stochastic_sampling": True})
+        sched = FlowMatchEulerDiscreteScheduler.from_config({**cfg, "stochastic_sampling": not ode})
         if sched.config.get("use_dynamic_shifting"):
             return sched, None  # the pipeline computes mu from the resolution; the student's shift is that one
         sched.set_timesteps(k)
         same = torch.allclose(sched.sigmas[:-1].float(), timesteps.float().cpu(), atol=1e-5)
         return sched, None if same else [t * den.schedule.num_train_timesteps for t in ts]
     s = den.schedule
+    if ode:  # trailing DDIM; set_alpha_to_one: the last step goes to the clean sample, as our t_clean
+        sched = DDIMScheduler(
+            num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+            beta_schedule=s.beta_schedule, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+            prediction_type=den.prediction_type, thresholding=False, timestep_spacing="trailing",
+            rescale_betas_zero_snr=s.rescale_zero_snr)
+        sched.set_timesteps(k)
+        same = [int(t) for t in sched.timesteps] == [int(round(t)) for t in ts]
+        return sched, None if same and s.num_train_timesteps % k == 0 else [int(round(t)) for t in ts]
     sched = LCMScheduler(
         num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
         beta_schedule=s.beta_schedule, original_inference_steps=k, clip_sample=False, set_alpha_to_one=True,
@@ -212,7 +229,9 @@ def export(student: Any, format: str = "diffusers", out: str | Path = "export", 
         base_sched = json.loads(next(p for p in (folder / "scheduler_config.json",
                                                  folder.parent / "scheduler" / "scheduler_config.json")
                                      if p.is_file()).read_text())
-    sched, explicit = student_scheduler(den, st.timesteps, base_sched)
+    ode = getattr(st, "sampler", None) == "ode" or st.info.get("meta", {}).get("sampler") == "ode"
+    sched, explicit = student_scheduler(den, st.timesteps, base_sched, ode=ode)
+    info["sampler"] = "ode" if ode else "renoise"
     info["scheduler"] = type(sched).__name__
     if explicit is not None:
         info["pass_timesteps"] = explicit

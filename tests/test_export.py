@@ -27,8 +27,8 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two-iteration DMD2 students of a pixel UNet (2 steps), an SD-like text-to-image pipeline (2 steps) and SD3
-    (1 step), distilled once."""
+    """Two-iteration DMD2 students of a pixel UNet (2 steps), an SD-like text-to-image pipeline (2 steps, full
+    weights and LoRA) and SD3 (1 step), and a Lightning student of the UNet (2 ODE steps), distilled once."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("export")
@@ -47,6 +47,10 @@ def runs(tmp_path_factory):
                   progress=False, evaluate_n=0)
     for name, steps in (("unet", 2), ("sd", 2), ("sd3", 1)):
         distill(teacher=str(root / name), steps=steps, out=root / f"run_{name}", **common)
+    distill(teacher=str(root / "sd"), steps=2, out=root / "run_sd_lora", lora_rank=2, **common)  # a LoRA student
+    lightning = {**common, "method": "lightning", "iterations": 4}  # ODE steps
+    distill(teacher=str(root / "unet"), steps=2, ladder=[2], teacher_steps=2, out=root / "run_unet_lightning",
+            **lightning)
     yield root
     mp.undo()
 
@@ -93,6 +97,25 @@ def test_pixel_unet_pipeline_round_trip(runs, tmp_path):
     np.testing.assert_allclose(got, _to_unit(x), atol=ATOL)
     info = json.loads((out / "fewstep_export.json").read_text())
     assert info["steps"] == 2 and info["scheduler"] == "LCMScheduler" and "pass_timesteps" not in info
+
+
+def test_lightning_ode_student_round_trip(runs, tmp_path):
+    from diffusers import DDIMScheduler
+
+    out = export(str(runs / "run_unet_lightning"), "diffusers", tmp_path / "out")
+    student = load_model(runs / "run_unet_lightning")
+    pipe = _pipe(out)
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.timestep_spacing == "trailing"
+    gen = torch.Generator().manual_seed(2)
+    got = pipe(batch_size=2, num_inference_steps=2, generator=gen, output_type="np").images
+    z = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(2))
+    from fewstep.diffusion.samplers import initial_noise, sample_ddim
+
+    _, s0 = student.schedule.alpha_sigma(student.timesteps[:1])
+    ts = torch.cat([student.timesteps, torch.tensor([student.schedule.t_clean])])
+    x = sample_ddim(student.generator, initial_noise(student.schedule, z / s0, ts[0]), ts)
+    np.testing.assert_allclose(got, _to_unit(x), atol=ATOL)
+    assert json.loads((out / "fewstep_export.json").read_text())["sampler"] == "ode"
 
 
 def test_text_to_image_pipeline_round_trip(runs, tmp_path):
@@ -179,6 +202,23 @@ def test_lora_round_trip_is_exact_when_the_change_is_low_rank_representable(runs
     x = sample_student(student.generator, z / s0, student.timesteps, student.generator.encode_prompts(prompt),
                        generator=gen)
     np.testing.assert_allclose(got, _to_unit(student.generator.decode(x)), atol=ATOL)
+
+
+def test_lora_of_a_lora_trained_student_is_its_adapters(runs, tmp_path):
+    student = load_model(runs / "run_sd_lora")
+    out = export(str(runs / "run_sd_lora"), "lora", tmp_path / "lora")
+    info = json.loads((out / "fewstep_export.json").read_text())
+    assert info["lora_source"] == "adapters" and info["lora_residual"] == 0.0
+    prompt = ["a picture of 0"]
+    got = _sd_lora_images(runs / "sd", out, prompt, 4, 2)
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn((1, 4, 8, 8), generator=gen)
+    _, s0 = student.schedule.alpha_sigma(student.timesteps[:1])
+    x = sample_student(student.generator, z / s0, student.timesteps, student.generator.encode_prompts(prompt),
+                       generator=gen)
+    np.testing.assert_allclose(got, _to_unit(student.generator.decode(x)), atol=ATOL)
+    merged = export(str(runs / "run_sd_lora"), "diffusers", tmp_path / "merged")  # adapters merged into the UNet
+    assert not any("lora" in k for k in json.loads((merged / "unet" / "config.json").read_text()))
 
 
 def test_lora_of_a_distilled_full_weight_student(runs, tmp_path):

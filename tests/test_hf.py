@@ -245,6 +245,9 @@ CASES = [
     ("dit", "add", {"steps": 2}),
     ("sd", "disback", {"steps": 1, "record_checkpoints": 2, "record_every": 1, "switch_every": 1}),
     ("sd3", "disback", {"steps": 1, "record_checkpoints": 2, "record_every": 1, "switch_every": 1, "base": "add"}),
+    ("sd", "lightning", {"steps": 1, "ladder": [2, 1], "teacher_steps": 2, "iterations": 4, "guidance_scale": 2.0}),
+    ("dit", "lightning", {"steps": 2, "ladder": [2], "teacher_steps": 4, "iterations": 3}),
+    ("sd3", "lightning", {"steps": 1, "ladder": [1], "teacher_steps": 2, "iterations": 3}),
 ]
 
 
@@ -252,7 +255,7 @@ CASES = [
 def test_every_method_runs_on_diffusers_teachers(folders, tmp_path, name, method, options):
     folder = str(folders / name)
     out = tmp_path / "run"
-    student = distill(teacher=folder, data=str(folders / "images"), method=method, out=out, **COMMON, **options)
+    student = distill(teacher=folder, data=str(folders / "images"), method=method, out=out, **{**COMMON, **options})
     teacher = load_teacher(folder)
     assert isinstance(student.generator, DiffusersDenoiser) and student.steps == options["steps"]
     changed = [not torch.equal(p, q) for p, q in zip(student.generator.net.model.state_dict().values(),

@@ -452,10 +452,43 @@ class DiffusersNet(nn.Module):
 
     # --- saving ---------------------------------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
-        """What :func:`network_from_spec` needs to rebuild this network (weights apart)."""
-        return {"type": FORMAT, "folder": str(self.components.folder.resolve()), "family": self.family,
+        """What :func:`network_from_spec` needs to rebuild this network (weights apart), LoRA adapters included."""
+        spec = {"type": FORMAT, "folder": str(self.components.folder.resolve()), "family": self.family,
                 "class": type(self.model).__name__, "config": _jsonable(dict(self.model.config)),
                 "num_classes": self.num_classes, "flux_guidance": self.flux_guidance}
+        lora = lora_spec(self)
+        if lora is not None:
+            spec["lora"] = lora
+        return spec
+
+
+def lora_spec(net: nn.Module) -> dict[str, Any] | None:
+    """The PEFT LoRA adapters injected into ``net`` (rank, alpha, targets per adapter), or None."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency of the hf extra
+        return None
+    adapters: dict[str, dict[str, Any]] = {}
+    for name, m in net.named_modules():
+        if isinstance(m, LoraLayer):
+            for adapter, r in m.r.items():
+                a = adapters.setdefault(adapter, {"targets": [], "ranks": {}, "alphas": {}})
+                a["targets"].append(name)
+                a["ranks"][name], a["alphas"][name] = int(r), float(m.lora_alpha[adapter])
+    return adapters or None
+
+
+def inject_lora(net: nn.Module, spec: dict[str, Any]) -> None:
+    """Re-create the adapters described by :func:`lora_spec` (zero-initialised ``B``; the caller loads weights)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for adapter, a in spec.items():
+        ranks, alphas = a["ranks"], a["alphas"]
+        r0, al0 = next(iter(ranks.values())), next(iter(alphas.values()))
+        cfg = LoraConfig(r=r0, lora_alpha=al0, target_modules=a["targets"],
+                         rank_pattern={f"^{k}$": v for k, v in ranks.items() if v != r0},
+                         alpha_pattern={f"^{k}$": v for k, v in alphas.items() if v != al0})
+        inject_adapter_in_model(cfg, net, adapter_name=adapter)
 
 
 def _jsonable(v: Any) -> Any:
@@ -649,6 +682,9 @@ def denoiser_from_description(desc: dict[str, Any]) -> DiffusersDenoiser:
 
     net, _ = network_from_spec(desc["network"])
     net.flux_guidance = float(desc["network"].get("flux_guidance", 3.5))
+    if desc["network"].get("lora"):  # a LoRA student: the same adapters, so its saved state loads as it is
+        inject_lora(net, desc["network"]["lora"])
+        net.requires_grad_(False)
     return DiffusersDenoiser(net, schedule_from_config(desc["schedule"]), desc["prediction_type"],
                              tuple(desc["sample_shape"]), desc.get("num_classes", 0))
 
