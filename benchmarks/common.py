@@ -88,13 +88,17 @@ def row_line(r: dict[str, Any]) -> str:
             f"{key} {r[key]:.4g}")
 
 
+def method_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The README columns of a method table: image metrics when the rows have an FID, 2-D ones otherwise."""
+    if rows[0].get("fid") is not None:
+        return ["method", "variant", "steps", "nfe", "fid", "precision", "recall", "class_accuracy", "wall_seconds"]
+    return ["method", "variant", "steps", "nfe", "sliced_w", "modes_covered", "high_quality", "wall_seconds"]
+
+
 def print_tables(rows: list[dict[str, Any]], datas: Iterable[str]) -> None:
     for data in datas:
         sub = [r for r in rows if r["data"] == data]
-        cols = (["method", "variant", "steps", "nfe", "fid", "precision", "recall", "class_accuracy", "wall_seconds"]
-                if sub[0].get("fid") is not None else
-                ["method", "variant", "steps", "nfe", "sliced_w", "modes_covered", "high_quality", "wall_seconds"])
-        print(f"\n### {data}\n" + markdown_table(sub, cols))
+        print(f"\n### {data}\n" + markdown_table(sub, method_columns(sub)))
 
 
 def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]], doc: str) -> None:

@@ -1,7 +1,7 @@
 """Print the README's benchmark tables from benchmarks/results/*.json.
 
     python benchmarks/tables.py teacher_nfe
-    python benchmarks/tables.py dmd2
+    python benchmarks/tables.py dmd2     # or add, lightning
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, fmt, markdown_table  # noqa: E402
+from common import RESULTS, fmt, markdown_table, method_columns  # noqa: E402
 
 
 def teacher_nfe(rows: list[dict]) -> str:
@@ -40,10 +40,7 @@ def methods(rows: list[dict]) -> str:
     out = []
     for data in dict.fromkeys(r["data"] for r in rows):
         sub = [r for r in rows if r["data"] == data]
-        cols = (["method", "variant", "steps", "nfe", "fid", "precision", "recall", "class_accuracy", "wall_seconds"]
-                if sub[0].get("fid") is not None else
-                ["method", "variant", "steps", "nfe", "sliced_w", "modes_covered", "high_quality", "wall_seconds"])
-        out.append(f"**{data}**\n\n" + markdown_table(sub, cols))
+        out.append(f"**{data}**\n\n" + markdown_table(sub, method_columns(sub)))
     return "\n\n".join(out)
 
 
