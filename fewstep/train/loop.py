@@ -11,7 +11,10 @@ A :class:`~fewstep.methods.base.Method` supplies players and losses; this loop d
   across world sizes (ranks must not share noise), so a multi-process run matches a 1-process run in distribution,
   and exactly for a loss that draws nothing (``tests/test_distributed.py``);
 * **devices and memory** -- Accelerate places the players (DDP, or FSDP from ``accelerate launch --config_file
-  configs/accelerate_fsdp.yaml``) and runs the losses under autocast (``mixed_precision``); under mixed precision
+  configs/accelerate_fsdp.yaml``) and runs the losses under autocast (``mixed_precision``). With DDP the loop
+  averages each player's gradients itself after backward (:func:`average_gradients`; DDP's hooks are off), so a
+  method may call a player's sub-networks outside its forward, reuse them within one backward, or freeze and
+  unfreeze parameters between phases; the price is no overlap of communication with backward. Under mixed precision
   every frozen parameter (the teacher, LoRA base weights, frozen feature networks) is held in the training dtype
   (:mod:`fewstep.train.memory`); ``gradient_checkpointing`` recomputes the players' activations in backward;
 * **updates** -- for each player in ``method.updates(it)``: loss (under Accelerate's autocast), backward, gradient
@@ -28,6 +31,7 @@ Steps are counted in *iterations done*: the checkpoint, the log row and the samp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -53,6 +57,7 @@ from .memory import (
     is_sharded_module,
     load_player_state,
     modules_of,
+    optimizer_parameters,
     player_state,
     training_dtype,
 )
@@ -238,6 +243,41 @@ def _all_processes_agree(accelerator: Any, ok: bool) -> bool:
     return bool(accelerator.gather(flag).min().item() > 0.5)
 
 
+def average_gradients(module: torch.nn.Module, device: Any, bucket_numel: int = 1 << 24) -> None:
+    """Average ``module``'s gradients over all processes (what DDP does in backward), in flat buckets.
+
+    A parameter with a gradient on some process but none on another gets zeros there first (as DDP does); one with
+    no gradient anywhere keeps ``None`` (the optimizer skips it, as in a 1-process run).
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(has)
+    grads = []
+    for p, h in zip(params, has.tolist()):
+        if h > 0:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    buckets: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+    for g in grads:
+        groups = buckets.setdefault(g.dtype, [[]])
+        if groups[-1] and sum(x.numel() for x in groups[-1]) + g.numel() > bucket_numel:
+            groups.append([])
+        groups[-1].append(g)
+    for groups in buckets.values():
+        for group in groups:
+            flat = torch._utils._flatten_dense_tensors(group)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for g, avg in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+                g.copy_(avg)
+
+
 def _window_means(accelerator: Any, window: dict[str, list[float]]) -> dict[str, float]:
     """Means since the last log row, averaged over processes (each process saw its own share of the batch)."""
     means = {k: s / c for k, (s, c) in sorted(window.items()) if c > 0}
@@ -305,7 +345,10 @@ def train(
     method.to(accelerator.device)  # frozen teachers and precomputed tensors (DisBack records its path here)
     # Frozen weights in the training dtype (players' frozen parts too: LoRA bases), before the EMA copies.
     low = training_dtype(cfg.mixed_precision, accelerator.device)
-    restore_dtypes = cast_frozen_parameters(modules_of(method), low) if low is not None else None
+    restore_dtypes = None
+    if low is not None:
+        held = optimizer_parameters(p.optimizer for p in method.players.values())
+        restore_dtypes = cast_frozen_parameters(modules_of(method), low, keep=held)
     if cfg.gradient_checkpointing:
         if not sum(enable_gradient_checkpointing(p.module) for p in method.players.values()):
             warnings.warn("gradient_checkpointing: none of the players' networks supports it; training without",
@@ -321,6 +364,10 @@ def train(
             emas[name].to(accelerator.device)
             player.ema = emas[name].module
     sharded = fsdp or any(is_sharded_module(p.module) for p in method.players.values())
+    # Unsharded multi-process runs average gradients after backward instead of in DDP's backward hooks, so a method
+    # may use a player's parameters outside its forward, several times in one backward, or freeze and unfreeze them
+    # between phases (Lightning) -- all of which DDP's reducer refuses. (FSDP reduces in its own backward.)
+    manual_sync = world > 1 and not sharded
 
     # State that checkpoints carry besides the players.
     start, elapsed_before, nonfinite_total, consecutive_bad = 0, 0.0, 0, 0
@@ -376,12 +423,19 @@ def train(
             # --- one update per scheduled player ---------------------------------------------------------------
             for name in method.updates(it):
                 player = method.players[name]
-                with accelerator.autocast():
-                    loss, stats = method.loss(name, batch, it)
-                loss_value = _to_float(loss)
-                ok = _all_processes_agree(accelerator, math.isfinite(loss_value))
+                with contextlib.ExitStack() as no_sync:
+                    if manual_sync:  # DDP's hooks off for every player: gradients are averaged below
+                        for other in method.players.values():
+                            no_sync.enter_context(accelerator.no_sync(other.module))
+                    with accelerator.autocast():
+                        loss, stats = method.loss(name, batch, it)
+                    loss_value = _to_float(loss)
+                    ok = _all_processes_agree(accelerator, math.isfinite(loss_value))
+                    if ok:
+                        accelerator.backward(loss)
                 if ok:
-                    accelerator.backward(loss)
+                    if manual_sync:
+                        average_gradients(player.module, accelerator.device)
                     if player.grad_clip is not None:
                         norm = _to_float(accelerator.clip_grad_norm_(player.module.parameters(), player.grad_clip))
                         # with fp16 an inf norm is the grad scaler's business (it skips the step itself)

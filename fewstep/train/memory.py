@@ -69,18 +69,24 @@ def modules_of(obj: Any, _seen: set[int] | None = None) -> list[nn.Module]:
     return found
 
 
-def cast_frozen_parameters(modules: Iterable[nn.Module], dtype: torch.dtype) -> Callable[[Iterable[nn.Module]], None]:
-    """Cast every floating-point parameter with ``requires_grad=False`` in ``modules`` to ``dtype`` (in place).
+def cast_frozen_parameters(
+    modules: Iterable[nn.Module], dtype: torch.dtype, keep: Iterable[nn.Parameter] = ()
+) -> Callable[[Iterable[nn.Module]], None]:
+    """Cast every floating-point parameter with ``requires_grad=False`` in ``modules`` to ``dtype`` (in place),
+    except those in ``keep`` (the parameters the players' optimizers hold: a method may unfreeze them later, as
+    Lightning does between its phases).
 
     Returns ``restore(extra_modules)``: it casts those parameters back to their original dtypes, and in
     ``extra_modules`` (EMA copies made after the cast) every parameter left in ``dtype`` back to float32.
     Buffers (schedule tables, normalisation statistics) are left alone.
     """
     original: dict[int, tuple[nn.Parameter, torch.dtype]] = {}
+    kept = {id(p) for p in keep}
     with torch.no_grad():
         for module in modules:
             for p in module.parameters():
-                if p.requires_grad or not p.is_floating_point() or id(p) in original or p.dtype == dtype:
+                if p.requires_grad or id(p) in kept or not p.is_floating_point() or id(p) in original \
+                        or p.dtype == dtype:
                     continue
                 original[id(p)] = (p, p.dtype)
                 p.data = p.data.to(dtype)
@@ -96,6 +102,11 @@ def cast_frozen_parameters(modules: Iterable[nn.Module], dtype: torch.dtype) -> 
                         p.data = p.data.float()
 
     return restore
+
+
+def optimizer_parameters(optimizers: Iterable[Any]) -> list[nn.Parameter]:
+    """Every parameter the (possibly Accelerate-wrapped) optimizers hold."""
+    return [p for opt in optimizers for group in _raw_optimizer(opt).param_groups for p in group["params"]]
 
 
 def count_parameters(modules: Iterable[nn.Module]) -> dict[str, int]:
