@@ -125,3 +125,26 @@ def sd3_pipeline(folder: Path, seed: int = 0):
                                     text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def sdxl_pipeline(folder: Path, seed: int = 0):
+    """An SDXL-style pipeline: UNet2DConditionModel with "text_time" added conditioning, CLIP + CLIP-with-projection
+    (as diffusers' SDXL ``get_dummy_components``), VAE."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tok = write_clip_tokenizer(folder.parent / (folder.name + "_tok"))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(4, 8),
+                                layers_per_block=1, norm_num_groups=2, attention_head_dim=(2, 4),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+                                cross_attention_dim=64)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(unet=unet, scheduler=sched, vae=tiny_vae(seed=seed),
+                                     text_encoder=clip_text_model(len(tok), seed=seed), tokenizer=tok,
+                                     text_encoder_2=clip_text_model(len(tok), True, seed + 1), tokenizer_2=tok)
+    pipe.save_pretrained(folder)
+    return pipe

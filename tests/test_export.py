@@ -28,7 +28,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two-iteration DMD2 students of a pixel UNet (2 steps), an SD-like text-to-image pipeline (2 steps, full
-    weights and LoRA) and SD3 (1 step), and a Lightning student of the UNet (2 ODE steps), distilled once."""
+    weights and LoRA), SD3 (1 step) and SDXL (2 steps), and a Lightning student of the UNet (2 ODE steps), distilled once."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("export")
@@ -37,6 +37,7 @@ def runs(tmp_path_factory):
     hf_tiny.unet2d(folder=root / "unet")
     hf_tiny.sd_pipeline(root / "sd")
     hf_tiny.sd3_pipeline(root / "sd3")
+    hf_tiny.sdxl_pipeline(root / "sdxl")
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -45,7 +46,7 @@ def runs(tmp_path_factory):
         (images / f"{i}.txt").write_text(f"a picture of {i}")
     common = dict(data=str(images), method="dmd2", iterations=2, batch_size=2, sample_every=0, checkpoint_every=100,
                   progress=False, evaluate_n=0)
-    for name, steps in (("unet", 2), ("sd", 2), ("sd3", 1)):
+    for name, steps in (("unet", 2), ("sd", 2), ("sd3", 1), ("sdxl", 2)):
         distill(teacher=str(root / name), steps=steps, out=root / f"run_{name}", **common)
     distill(teacher=str(root / "sd"), steps=2, out=root / "run_sd_lora", lora_rank=2, **common)  # a LoRA student
     lightning = {**common, "method": "lightning", "iterations": 4}  # ODE steps
@@ -132,6 +133,31 @@ def test_text_to_image_pipeline_round_trip(runs, tmp_path):
     _, s0 = student.schedule.alpha_sigma(student.timesteps[:1])
     x = sample_student(student.generator, z / s0, student.timesteps, cond, generator=gen)
     np.testing.assert_allclose(got, _to_unit(student.generator.decode(x)), atol=ATOL)
+
+
+def test_sdxl_pipeline_and_lora_round_trip(runs, tmp_path):
+    from diffusers import LCMScheduler
+
+    student = load_model(runs / "run_sdxl")
+    prompt = ["a picture of 5"]
+    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(9))
+    gen = torch.Generator().manual_seed(9)
+    torch.randn((1, 4, 8, 8), generator=gen)
+    _, s0 = student.schedule.alpha_sigma(student.timesteps[:1])
+    x = sample_student(student.generator, z / s0, student.timesteps, student.generator.encode_prompts(prompt),
+                       generator=gen)
+    want = _to_unit(student.generator.decode(x))
+    pipe = _pipe(export(str(runs / "run_sdxl"), "diffusers", tmp_path / "out"))
+    got = pipe(prompt, num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(9),
+               height=16, width=16, output_type="np").images
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    lora = export(str(runs / "run_sdxl"), "lora", tmp_path / "lora", rank=64)  # SVD: close, not exact (norms)
+    teacher = _pipe(runs / "sdxl")
+    teacher.load_lora_weights(str(lora))
+    teacher.scheduler = LCMScheduler.from_pretrained(str(lora), subfolder="scheduler")
+    via_lora = teacher(prompt, num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(9),
+                       height=16, width=16, output_type="np").images
+    assert np.isfinite(via_lora).all() and json.loads((lora / "fewstep_export.json").read_text())["lora_residual"] < 1
 
 
 def test_flow_pipeline_round_trip(runs, tmp_path):

@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Pipelines (pixel UNet, SD-like text-to-image, DiT, SD3) and a captioned image folder, built once."""
+    """Pipelines (pixel UNet, SD-like text-to-image, DiT, SD3, SDXL-like) and a captioned image folder, built once."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("hf")
@@ -31,6 +31,7 @@ def folders(tmp_path_factory):
     hf_tiny.sd_pipeline(root / "sd")
     hf_tiny.dit_pipeline(root / "dit")
     hf_tiny.sd3_pipeline(root / "sd3")
+    hf_tiny.sdxl_pipeline(root / "sdxl")
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -105,6 +106,7 @@ def test_unsupported_scheduler_configs_are_user_errors():
     ("sd", "ddpm", "epsilon", 0, True),
     ("dit", "ddpm", "epsilon", 3, False),
     ("sd3", "flow", "flow", 0, True),
+    ("sdxl", "ddpm", "epsilon", 0, True),
 ])
 def test_load_each_family(folders, name, kind, prediction, classes, text):
     den = load_teacher(str(folders / name))
@@ -121,10 +123,12 @@ def test_load_each_family(folders, name, kind, prediction, classes, text):
         null = den.null_cond(cond)
         assert not torch.equal(den(x, t, null), x0)
         torch.testing.assert_close(den(x, t, None), den(x, t, null))  # no condition = the null one
-    if text:  # the empty prompt is diffusers' own CFG negative
-        ref = den.components.pipe.encode_prompt([""] * 2, "cpu", 1, False)[0] if name == "sd" else None
-        if ref is not None:
-            torch.testing.assert_close(den.null_cond(cond)["encoder_hidden_states"], ref)
+    if name == "sd":  # the empty prompt is diffusers' own CFG negative
+        ref = den.components.pipe.encode_prompt([""] * 2, "cpu", 1, False)[0]
+        torch.testing.assert_close(den.null_cond(cond)["encoder_hidden_states"], ref)
+    if name == "sdxl":  # SDXL's negative for an empty prompt is zeros (force_zeros_for_empty_prompt)
+        assert set(cond) == {"encoder_hidden_states", "text_embeds"}
+        assert all(float(v.abs().sum()) == 0 for v in den.null_cond(cond).values())
 
 
 def test_raw_output_is_the_diffusers_model_call(folders):
@@ -132,6 +136,13 @@ def test_raw_output_is_the_diffusers_model_call(folders):
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
     ref = den.net.model(x, timestep=t, class_labels=c).sample[:, :4]  # learned sigma: the eps half
     torch.testing.assert_close(den.raw(x, t, c), ref)
+    xl = load_teacher(str(folders / "sdxl"))
+    pipe, emb, x = xl.components.pipe, xl.encode_prompts(["hello"]), torch.randn(1, 4, 8, 8)
+    ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32,
+                                 text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    ref = xl.net.model(x, 250, encoder_hidden_states=emb["encoder_hidden_states"],
+                       added_cond_kwargs={"text_embeds": emb["text_embeds"], "time_ids": ids}).sample
+    torch.testing.assert_close(xl.raw(x, torch.tensor([250.0]), emb), ref)
     sd = load_teacher(str(folders / "sd"))
     emb = sd.encode_prompts(["hello"])
     x = torch.randn(1, 4, 8, 8)
@@ -240,6 +251,7 @@ CASES = [
     ("sd", "dmd2", {"steps": 1, "guidance_scale": 2.0}),
     ("dit", "dmd2", {"steps": 1, "guidance_scale": 2.0}),
     ("sd3", "dmd2", {"steps": 2}),
+    ("sdxl", "dmd2", {"steps": 1, "guidance_scale": 2.0}),
     ("unet", "add", {"steps": 1}),
     ("sd", "add", {"steps": 1, "weighting": "nfsd", "guidance_scale": 2.0}),
     ("dit", "add", {"steps": 2}),
@@ -247,6 +259,7 @@ CASES = [
     ("sd3", "disback", {"steps": 1, "record_checkpoints": 2, "record_every": 1, "switch_every": 1, "base": "add"}),
     ("sd", "lightning", {"steps": 1, "ladder": [2, 1], "teacher_steps": 2, "iterations": 4, "guidance_scale": 2.0}),
     ("dit", "lightning", {"steps": 2, "ladder": [2], "teacher_steps": 4, "iterations": 3}),
+    ("sdxl", "add", {"steps": 1}),
     ("sd3", "lightning", {"steps": 1, "ladder": [1], "teacher_steps": 2, "iterations": 3}),
 ]
 

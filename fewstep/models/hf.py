@@ -10,7 +10,8 @@ Supported denoisers (the *family* is what :class:`DiffusersNet` switches on):
 model class                family       condition
 =========================  ===========  =========================================================================
 ``UNet2DModel``            ``unet``     none (or class labels when ``num_class_embeds`` is set); pixel space
-``UNet2DConditionModel``   ``unet_cond`` CLIP prompt embeddings ``{"encoder_hidden_states"}``; latent with a VAE
+``UNet2DConditionModel``   ``unet_cond`` CLIP prompt embeddings ``{"encoder_hidden_states"}``; latent with a VAE;
+                                        SDXL adds ``"text_embeds"`` (pooled) and its size ids
 ``DiTTransformer2DModel``  ``dit``      class labels, null class = ``num_embeds_ada_norm`` (DiT's CFG class)
 ``Transformer2DModel``     ``dit``      (patched, ``ada_norm_zero``: the same DiT)
 ``SD3Transformer2DModel``  ``sd3``      ``{"encoder_hidden_states", "pooled_projections"}``; flow matching
@@ -206,6 +207,11 @@ class Components:
         self.pipe = pipe
         self.vae = vae
         self.prompts: PromptBank | None = None
+        unet = getattr(pipe, "unet", None) if pipe is not None else None
+        #: SDXL-style UNet: pooled text embeddings and size/crop ids join the time embedding ("text_time")
+        self.sdxl = unet is not None and unet.config.get("addition_embed_type") == "text_time"
+        #: SDXL's CFG negative for an empty prompt is zeros, not the encoded empty prompt
+        self.zero_null = bool(pipe is not None and pipe.config.get("force_zeros_for_empty_prompt", False))
         if vae is not None:
             vae.eval().requires_grad_(False)
             self.scaling_factor = float(vae.config.get("scaling_factor", 1.0) or 1.0)
@@ -239,7 +245,10 @@ class Components:
         device = self._device()
         for i in range(0, len(prompts), batch_size):
             chunk = list(prompts[i : i + batch_size])
-            if self.family == "unet_cond":
+            if self.family == "unet_cond" and self.sdxl:
+                embeds, _, pooled, _ = self.pipe.encode_prompt(chunk, None, device, 1, False)
+                parts = {"encoder_hidden_states": embeds, "text_embeds": pooled}
+            elif self.family == "unet_cond":
                 embeds, _ = self.pipe.encode_prompt(chunk, device, 1, False)
                 parts = {"encoder_hidden_states": embeds}
             elif self.family == "sd3":
@@ -405,7 +414,13 @@ class DiffusersNet(nn.Module):
         if fam == "unet":
             out = m(x, t, class_labels=c).sample
         elif fam == "unet_cond":
-            out = m(x, t, encoder_hidden_states=c["encoder_hidden_states"]).sample
+            added = None
+            if "text_embeds" in c:  # SDXL: (original size, crop top-left, target size) = the full image, uncropped
+                scale = self.components.vae_scale if self.components.latent else 1
+                h, w = x.shape[-2] * scale, x.shape[-1] * scale
+                ids = torch.tensor([h, w, 0, 0, h, w], device=x.device, dtype=x.dtype).expand(x.shape[0], 6)
+                added = {"text_embeds": c["text_embeds"], "time_ids": ids}
+            out = m(x, t, encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added).sample
         elif fam == "dit":
             out = m(x, timestep=t, class_labels=c).sample
         elif fam == "sd3":
@@ -575,7 +590,8 @@ def _num_classes(model: nn.Module, family: str) -> int:
 def _null_condition(components: Components, family: str) -> dict[str, Tensor] | None:
     if family not in TEXT_FAMILIES:
         return None
-    return {k: v[:1] for k, v in components.encode_prompts([""]).items()}
+    null = {k: v[:1] for k, v in components.encode_prompts([""]).items()}
+    return {k: torch.zeros_like(v) for k, v in null.items()} if components.zero_null else null
 
 
 def load_pipeline(folder: Path, **components: Any) -> Any:
