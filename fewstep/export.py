@@ -10,10 +10,12 @@ time, repeat), so ``DiffusionPipeline.from_pretrained(DIR)(..., num_inference_st
   ``x = sqrt(abar_next) x0 + sqrt(1 - abar_next) z`` with fresh ``z``; the last step returns ``x0``); its consistency
   boundary scalings ``c_skip, c_out`` are switched off with a huge ``timestep_scaling`` (``c_skip < 1e-12``), and with
   ``original_inference_steps = k`` its timesteps ``[j T/k - 1]`` are our trailing ones whenever ``k`` divides ``T``
-  (k = 1, 2, 4, 5, 8 for T = 1000). For other ``k`` the folder's ``fewstep_export.json`` lists the exact timesteps to
-  pass as ``pipe(timesteps=...)``.
+  (k = 1, 2, 4, 5, 8 for T = 1000). For other ``k`` the folder's ``fewstep_export.json`` (and README.md) lists the
+  exact timesteps to pass as ``pipe(timesteps=...)``.
 * Flow-matching teachers (SD3, Flux) get their ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling=True``
-  (denoise, re-noise to the next sigma with fresh noise), whose sigma grid is our flow schedule's.
+  (denoise, re-noise to the next sigma with fresh noise). The student's times are ``shift(linspace(1, 1/k, k))``:
+  Flux's pipeline passes exactly those sigmas; SD3's needs ``pipe(sigmas=list(np.linspace(1, 1/k, k)))`` for k > 1
+  (written into ``fewstep_export.json`` as ``pass_sigmas``).
 
 Lightning's students take deterministic ODE steps instead (``x0_hat``, then the DDIM step to the next time): they get
 a ``DDIMScheduler`` with ``timestep_spacing="trailing"`` and ``set_alpha_to_one=True`` (flow: the deterministic
@@ -114,10 +116,11 @@ def student_scheduler(den: Any, timesteps: Tensor, base_config: dict[str, Any], 
         cfg = {key: v for key, v in base_config.items() if not key.startswith("_")}
         sched = FlowMatchEulerDiscreteScheduler.from_config({**cfg, "stochastic_sampling": not ode})
         if sched.config.get("use_dynamic_shifting"):
-            return sched, None  # the pipeline computes mu from the resolution; the student's shift is that one
+            return sched, None  # Flux: the pipeline passes sigmas = linspace(1, 1/k, k) and mu for the resolution
         sched.set_timesteps(k)
         same = torch.allclose(sched.sigmas[:-1].float(), timesteps.float().cpu(), atol=1e-5)
-        return sched, None if same else [t * den.schedule.num_train_timesteps for t in ts]
+        # else: the unshifted sigmas to pass as pipe(sigmas=...) (the scheduler shifts them)
+        return sched, None if same else [float(u) for u in torch.linspace(1.0, 1.0 / k, k)]
     s = den.schedule
     if ode:  # trailing DDIM; set_alpha_to_one: the last step goes to the clean sample, as our t_clean
         sched = DDIMScheduler(
@@ -234,7 +237,7 @@ def export(student: Any, format: str = "diffusers", out: str | Path = "export", 
     info["sampler"] = "ode" if ode else "renoise"
     info["scheduler"] = type(sched).__name__
     if explicit is not None:
-        info["pass_timesteps"] = explicit
+        info["pass_sigmas" if den.schedule.kind == "flow" else "pass_timesteps"] = explicit
     if format == "diffusers":
         _export_pipeline(den, model, name, sched, out, pipeline)
     else:
@@ -282,7 +285,7 @@ def _export_pipeline(den: Any, model: nn.Module, name: str, sched: Any, out: Pat
 
 def _card(info: dict[str, Any], name: str) -> str:
     steps = info["steps"]
-    extra = (f", timesteps={info['pass_timesteps']}" if "pass_timesteps" in info else "")
+    extra = "".join(f", {key[5:]}={info[key]}" for key in ("pass_timesteps", "pass_sigmas") if key in info)
     if info["format"] == "diffusers":
         use = (f"```python\nfrom diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained(DIR)\n"
                f"images = pipe(..., num_inference_steps={steps}, guidance_scale=1.0{extra}).images\n```\n")

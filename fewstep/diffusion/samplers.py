@@ -148,7 +148,13 @@ def sample(
 
 
 def student_timesteps(schedule: Schedule, steps: int) -> Tensor:
-    """A k-step student's input times ``t_1 > ... > t_k`` (DDPM T=1000, k=4: 999, 749, 499, 249)."""
+    """A k-step student's input times ``t_1 > ... > t_k`` (DDPM T=1000, k=4: 999, 749, 499, 249).
+
+    Flow matching: the same trailing fractions ``1, (k-1)/k, ..., 1/k`` through the schedule's shift, which is the grid
+    of diffusers' flow pipelines (Flux: ``sigmas = linspace(1, 1/k, k)``, shifted); the teacher's sampling grid ends
+    near ``t_min`` instead and would put a 2-step student's second step at ``t ~ 0.01``."""
+    if schedule.kind == "flow":
+        return schedule.shift_t(torch.linspace(1.0, 1.0 / steps, steps)).float()
     spacing = "trailing" if schedule.kind == "ddpm" else None
     return schedule.timesteps(steps, spacing)[:-1]
 
