@@ -86,7 +86,7 @@ from ..errors import UserError
 from ..io import atomic_write, atomic_write_json
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
 from ..student import Student
-from .base import Batch, Method, Player
+from .base import Batch, Method, Player, batch_cond
 from .dmd2 import _unwrap
 
 PHASES = ("mse", "lora_cond", "lora_uncond", "full_cond", "full_uncond")
@@ -137,6 +137,10 @@ class LightningConfig(BaseModel):
         {"mse": 3.0, "lora_cond": 1.0, "lora_uncond": 0.5, "full_cond": 1.5, "full_uncond": 1.5},
         description="Relative iterations of each phase kind; loop.iterations is split over the run's phases in "
                     "proportion (every phase gets at least one).")
+    stage_weights: list[float] | None = Field(
+        None,
+        description="Relative iterations of each stage of the ladder (multiplying phase_weights; None = equal). The "
+                    "1-step stage, the hardest jump, may deserve more, e.g. [1, 1, 1, 2].")
     lora_rank: int = Field(8, ge=1, description="Rank of the LoRA trained in the adversarial stages.")
     lora_export_rank: int = Field(
         32, ge=1, description="Rank of the LoRA files written for each student (SVD of its difference from the teacher).")
@@ -154,7 +158,10 @@ class LightningConfig(BaseModel):
     lr_mse: float = Field(1e-4, gt=0, description="AdamW learning rate of the full network in MSE stages.")
     lr_lora: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA.")
     lr_full: float = Field(5e-5, gt=0, description="AdamW learning rate of the full network in adversarial stages.")
-    lr_discriminator: float = Field(1e-4, gt=0, description="AdamW learning rate of the discriminator (backbone + heads).")
+    lr_discriminator: float = Field(
+        1e-4, ge=0, description="AdamW learning rate of the discriminator's backbone (the teacher's encoder copy; 0 = "
+                                "frozen).")
+    lr_head: float = Field(1e-3, gt=0, description="AdamW learning rate of the discriminator's heads.")
     adam_betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas (all players; GAN practice).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (None = no clipping).")
@@ -178,6 +185,9 @@ class LightningConfig(BaseModel):
         unknown = set(self.phase_weights) - set(PHASES)
         if unknown:
             raise ValueError(f"phase_weights: unknown phase(s) {sorted(unknown)}; use {', '.join(PHASES)}")
+        if self.stage_weights is not None and (len(self.stage_weights) != len(lad)
+                                               or any(w <= 0 for w in self.stage_weights)):
+            raise ValueError(f"stage_weights: give one positive weight per ladder stage ({len(lad)}), or null")
         if any(v < 0 for v in self.phase_weights.values()):
             raise ValueError("phase_weights must not be negative")
         if any(not 0 <= f < 1 for f in self.renoise_fractions):
@@ -488,12 +498,15 @@ class LightningMethod(Method):
         self._disc_init = {k: v.detach().clone() for k, v in disc.state_dict().items()}
         g_mod = LightningGenerator(student)
 
-        def player(module: nn.Module) -> Player:
-            opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr_mse, betas=tuple(cfg.adam_betas),
-                                    weight_decay=cfg.weight_decay)
+        def player(module: nn.Module, groups: list[dict[str, Any]]) -> Player:
+            opt = torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
             return Player(module, opt, None, cfg.grad_clip, None)
 
-        self.players = {"generator": player(g_mod), "discriminator": player(disc)}
+        heads = list(disc.cond_head.parameters()) + list(disc.uncond_head.parameters())
+        self.players = {
+            "generator": player(g_mod, [{"params": list(g_mod.parameters()), "lr": cfg.lr_mse}]),
+            "discriminator": player(disc, [{"params": list(disc.backbone.parameters()), "lr": cfg.lr_discriminator},
+                                           {"params": heads, "lr": cfg.lr_head}])}
         self.phase = 0
         self.finished: dict[int, dict[str, Any]] = {}  # steps -> {"state", "prediction_type"}
         self._stage_teacher: Denoiser | None = None
@@ -507,7 +520,8 @@ class LightningMethod(Method):
         if iterations < len(kinds):
             raise UserError(f"loop.iterations {iterations} is fewer than this ladder's {len(kinds)} training phases; "
                             f"pass --iterations {len(kinds)} or more")
-        weights = [max(self.cfg.phase_weights.get(k, 1.0), 1e-9) for _, k in kinds]
+        sw = self.cfg.stage_weights or [1.0] * len(self.cfg.ladder)
+        weights = [max(self.cfg.phase_weights.get(k, 1.0) * sw[s], 1e-9) for s, k in kinds]
         total = sum(weights)
         ends, acc = [], 0.0
         for j, w in enumerate(weights):
@@ -545,8 +559,8 @@ class LightningMethod(Method):
         return _unwrap(self.players["discriminator"].module)  # type: ignore[return-value]
 
     def _cond(self, batch: Batch) -> Any:
-        """The condition of a batch (class labels for a class-conditional teacher, else None)."""
-        return batch.labels if self.teacher.num_classes > 0 else None
+        """The condition of a batch (class labels, prompt embeddings or None): the one place a method reads it."""
+        return batch_cond(batch, self.teacher)
 
     def _plain(self, state: dict[str, Tensor], prediction_type: str) -> Denoiser:
         den = copy.deepcopy(self._template)
@@ -597,8 +611,8 @@ class LightningMethod(Method):
         lr = self.cfg.lr_mse if kind == "mse" else self.cfg.lr_lora if kind.startswith("lora") else self.cfg.lr_full
         for group in g_opt.param_groups:
             group["lr"] = lr
-        for group in _inner(self.players["discriminator"].optimizer).param_groups:
-            group["lr"] = self.cfg.lr_discriminator
+        d_groups = _inner(self.players["discriminator"].optimizer).param_groups
+        d_groups[0]["lr"], d_groups[1]["lr"] = self.cfg.lr_discriminator, self.cfg.lr_head
         self.phase = j
         self._apply_mode(j)
 
