@@ -319,7 +319,7 @@ def train(
 
     Returns:
         The last logged row: ``it``, ``<player>/loss``, ``<player>/<stat>``, ``<player>/lr``, ``nonfinite_skipped``,
-        ``seconds``.
+        ``seconds`` (and, on a GPU, ``max_memory_gb``: this process's peak allocated memory so far).
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir, resume)
@@ -481,6 +481,8 @@ def train(
                     row[f"{name}/lr"] = float(player.optimizer.param_groups[0]["lr"])
                 row["nonfinite_skipped"] = nonfinite_total
                 row["seconds"] = round(elapsed, 3)
+                if accelerator.device.type == "cuda":  # the number a GPU recipe's memory column is checked against
+                    row["max_memory_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
                 window = {}
                 last_row = row
                 if main:
