@@ -148,3 +148,42 @@ def sdxl_pipeline(folder: Path, seed: int = 0):
                                      text_encoder_2=clip_text_model(len(tok), True, seed + 1), tokenizer_2=tok)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def t5_tokenizer(folder: Path):
+    """A T5 tokenizer over single characters (a Unigram model built here, as T5's sentencepiece one is)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = ["<pad>", "</s>", "<unk>"]
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab += [c, "\u2581" + c]
+    tk = Tokenizer(models.Unigram([(v, -1.0) for v in vocab], unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok = T5TokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                          model_max_length=32)
+    tok.save_pretrained(folder)
+    return tok, len(vocab)
+
+
+def flux_pipeline(folder: Path, seed: int = 0):
+    """A Flux pipeline: FluxTransformer2DModel (4 latent channels packed 2x2), CLIP + a tiny T5, VAE with shift,
+    resolution-dependent (dynamic) shift. FluxPipeline's default size (128 latents) is set in its ``__init__``; tests
+    patch it to 8."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tok = write_clip_tokenizer(folder.parent / (folder.name + "_tok"))
+    t5tok, t5_vocab = t5_tokenizer(folder.parent / (folder.name + "_t5tok"))
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                                 decoder_start_token_id=0)).eval()
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=32,
+                                axes_dims_rope=(2, 2, 4), guidance_embeds=True)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(transformer=tr, scheduler=sched, vae=tiny_vae(shift=0.1, seed=seed),
+                        text_encoder=clip_text_model(len(tok), seed=seed), tokenizer=tok, text_encoder_2=t5,
+                        tokenizer_2=t5tok)
+    pipe.save_pretrained(folder)
+    return pipe

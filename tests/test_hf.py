@@ -282,3 +282,52 @@ def test_every_method_runs_on_diffusers_teachers(folders, tmp_path, name, method
     if name == "unet" and method == "dmd2":  # the saved student loads back (its architecture from the teacher folder)
         again = load_model(out)
         torch.testing.assert_close(again.sample(2, seed=0), x)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. Flux: packed latents, dynamic shift, guidance embedding; distilled and exported through the user's path
+# ------------------------------------------------------------------------------------------------------------------
+def test_flux(folders, tmp_path, monkeypatch):
+    from diffusers import FluxPipeline
+
+    from fewstep import export
+
+    import functools
+
+    init = FluxPipeline.__init__
+
+    @functools.wraps(init)
+    def small(self, *args, **kwargs):  # 8x8 latents (16 px) instead of FluxPipeline's 128x128
+        init(self, *args, **kwargs)
+        self.default_sample_size = 8
+
+    monkeypatch.setattr(FluxPipeline, "__init__", small)
+    folder = tmp_path / "flux"
+    hf_tiny.flux_pipeline(folder)
+    den = load_teacher(str(folder))
+    pipe = den.components.pipe
+    assert den.sample_shape == (4, 8, 8) and den.schedule.kind == "flow" and den.prediction_type == "flow"
+    assert den.schedule.shift == pytest.approx(flux_shift(pipe.scheduler.config, 16))  # 4x4 packed tokens
+    emb = den.encode_prompts(["a cat"])
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([0.6])
+    packed = FluxPipeline._pack_latents(x, 1, 4, 8, 8)
+    ref = pipe.transformer(hidden_states=packed, timestep=t, guidance=torch.tensor([3.5]),
+                           pooled_projections=emb["pooled_projections"], encoder_hidden_states=emb["encoder_hidden_states"],
+                           txt_ids=torch.zeros(emb["encoder_hidden_states"].shape[1], 3),
+                           img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)).sample
+    torch.testing.assert_close(den.raw(x, t, emb), FluxPipeline._unpack_latents(ref, 16, 16, 2))
+    assert den.features(x, t, emb).shape == (1, 16, 4, 4)
+
+    out = tmp_path / "run"
+    student = distill(teacher=str(folder), data=str(folders / "images"), method="dmd2", steps=1, out=out,
+                      **{**COMMON, "iterations": 2})
+    assert any(not torch.equal(p, q) for p, q in zip(student.generator.net.model.parameters(),
+                                                     den.net.model.parameters()))
+    exported = export(str(out), "diffusers", tmp_path / "export")
+    flux = FluxPipeline.from_pretrained(str(exported))
+    got = flux("a photo of thing 1", num_inference_steps=1, generator=torch.Generator().manual_seed(0), height=16,
+               width=16, output_type="np").images
+    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))  # Flux draws latents, then packs them
+    saved = load_model(out)
+    x0 = saved.generator(z, torch.ones(1), saved.generator.encode_prompts(["a photo of thing 1"]))
+    np.testing.assert_allclose(got, ((saved.generator.decode(x0) + 1) / 2).permute(0, 2, 3, 1).numpy(), atol=1e-4)
