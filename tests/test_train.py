@@ -464,3 +464,56 @@ def test_gradient_checkpointing_option_changes_memory_not_results(tmp_path: Path
     assert flags == [(False, False), (True, False)]  # players only: the frozen teacher has no backward
     for k in ("generator/loss", "guidance/loss"):
         assert rows[1][k] == pytest.approx(rows[0][k], rel=1e-5, abs=1e-6), k
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The GPU recipes (configs/sd15_*.yaml, configs/sdxl_*.yaml) run as written -- bf16, gradient checkpointing, LoRA --
+# on a tiny SDXL-like diffusers pipeline, shrunk only in size (iterations, batch, ladder, path length)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    import numpy as np
+    from PIL import Image
+
+    hf_tiny = pytest.importorskip("hf_tiny")
+    root = tmp_path_factory.mktemp("recipes")
+    hf_tiny.sdxl_pipeline(root / "sdxl")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"a photo of thing {i}")
+    return root / "sdxl", images
+
+
+@pytest.mark.parametrize("method", ["dmd2", "add", "lightning", "disback"])
+def test_sdxl_recipe_runs_on_a_tiny_sdxl_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  tiny_sdxl: tuple[Path, Path], method: str) -> None:
+    import warnings
+
+    import yaml
+
+    from fewstep.distillation import distill
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    teacher, images = tiny_sdxl
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"sdxl_{method}.yaml").read_text())
+    assert cfg["loop"]["mixed_precision"] == "bf16" and cfg["loop"]["gradient_checkpointing"] is True
+    cfg.update(teacher=str(teacher), data=str(images))
+    iterations = 3
+    if method == "lightning":
+        cfg.update(ladder=[2, 1], teacher_steps=4)
+        iterations = 4  # one per phase
+    if method == "disback":
+        cfg.update(record_checkpoints=2, record_every=1, switch_every=1)
+    cfg["loop"].update(iterations=iterations, batch_size=2, checkpoint_every=iterations, sample_every=0,
+                       log_every=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = distill(method=method, config=cfg, out=tmp_path / "run", evaluate_n=0)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["it"] for r in rows] == list(range(1, iterations + 1))
+    assert all(math.isfinite(v) for r in rows for k, v in r.items() if k.endswith("/loss"))
+    # after training every weight is back in float32 (bf16 was for training only)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}

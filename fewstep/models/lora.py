@@ -105,8 +105,7 @@ def load_network_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
         net.load_state_dict(state, strict=True)
         return
     params = dict(net.named_parameters())
-    buffers = dict(net.named_buffers())
-    expected = {base_name(n) for n in params if ".lora_" not in n} | {base_name(n) for n in buffers}
+    expected = {base_name(k) for k in net.state_dict() if ".lora_" not in k}  # persistent buffers included
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise RuntimeError(f"state does not match the network: missing {sorted(missing)[:5]}, unexpected "
@@ -121,8 +120,9 @@ def load_network_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
             owner = net.get_submodule(parent) if parent else net
             value = state[base_name(name)].to(device=p.device, dtype=p.dtype)
             setattr(owner, leaf, nn.Parameter(value.clone(), requires_grad=p.requires_grad))
-        for name, b in buffers.items():
-            b.copy_(state[base_name(name)])
+        for name, b in net.named_buffers():
+            if base_name(name) in state:
+                b.copy_(state[base_name(name)])
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
