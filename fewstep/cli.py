@@ -183,9 +183,11 @@ def _cmd_teacher_sample(a: argparse.Namespace) -> None:
     from .diffusion.samplers import SAMPLERS
 
     _check_choice(a.sampler, SAMPLERS, "sampler")
+    from .models.hf import decode_samples
+
     teacher = load_teacher(a.teacher)
     x, _, stats = generate(teacher, a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, seed=a.seed)
-    save_samples(x, a.out, model_data(teacher))
+    save_samples(decode_samples(teacher, x), a.out, model_data(teacher))
     print(f"{a.n} samples ({a.sampler}, {a.steps} steps, NFE {stats['nfe']}) written to {a.out}")
 
 
@@ -227,16 +229,19 @@ def _cmd_distill(a: argparse.Namespace) -> None:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return
     distill(method=a.method, out=out, config=a.config, resume=a.resume, **options)
-    print(f"student written to {out / 'student.safetensors'}; report: {out / 'report.html'}")
+    report = f"; report: {out / 'report.html'}" if (out / "report.html").is_file() else ""
+    print(f"student written to {out / 'student.safetensors'}{report}")
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:
     from .api import generate, load_model, model_data
     from .eval.images import save_samples
 
+    from .models.hf import decode_samples
+
     model = load_model(a.student)
     x, _, stats = generate(model, a.n, seed=a.seed)
-    save_samples(x, a.out, model_data(model))
+    save_samples(decode_samples(model, x), a.out, model_data(model))  # latent diffusers models: VAE-decoded
     print(f"{a.n} samples (NFE {stats['nfe']}) written to {a.out}")
 
 
