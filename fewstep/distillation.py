@@ -105,11 +105,13 @@ def distill(
     data_name = cfg.data or model_data(teacher_model)
     if data_name is None:
         raise UserError(f"teacher {cfg.teacher!r} does not record its data; pass --data")
-    from .models.hf import DiffusersDenoiser, prepare_training_data
+    from .models.hf import DiffusersDenoiser, prepare_training_data, prepare_training_folder
 
     diffusers = isinstance(teacher_model, DiffusersDenoiser)
     resolution = teacher_model.sample_shape[-1] if len(teacher_model.sample_shape) == 3 else None
-    if diffusers:  # pixels at the VAE's resolution, encoded to latents; captions encoded to prompt embeddings
+    if diffusers and Path(data_name).is_dir():  # streamed: decoded and VAE-encoded in chunks, cached
+        dataset = prepare_training_folder(teacher_model, data_name)
+    elif diffusers:  # pixels at the VAE's resolution, encoded to latents; captions encoded to prompt embeddings
         dataset = prepare_training_data(teacher_model, load_data(data_name, "train", teacher_model.data_resolution))
     else:
         dataset = load_data(data_name, "train", resolution=resolution)

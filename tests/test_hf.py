@@ -233,6 +233,18 @@ def test_prompts_are_encoded_once_and_cached(folders, cache, monkeypatch):
     assert sorted(p.name.split("_")[0] for p in (cache / "fewstep" / "diffusers").iterdir()) == ["latents", "prompts"]
 
 
+def test_folders_are_encoded_in_chunks_as_in_memory(folders, cache, monkeypatch):
+    from fewstep.models.hf import prepare_training_folder
+
+    den = load_teacher(str(folders / "sd"))
+    whole = prepare_training_data(den, load_data(str(folders / "images"), "train", den.data_resolution))
+    streamed = prepare_training_folder(den, folders / "images", chunk=3)
+    torch.testing.assert_close(streamed.x, whole.x)
+    assert streamed.labels.tolist() == list(range(len(whole))) and len(den.components.prompts) == len(whole)
+    monkeypatch.setattr(den.components, "encode_images", lambda x: pytest.fail("not from the cache"))
+    torch.testing.assert_close(prepare_training_folder(den, folders / "images").x, whole.x)
+
+
 def test_text_teacher_needs_captions(folders, tmp_path):
     plain = tmp_path / "plain"
     _images(plain)

@@ -148,6 +148,39 @@ def load_image_folder(
     return FolderImages(xt, y, class_names, None if captions is None else [captions[j] for j in idx])
 
 
+def iter_image_folder(folder: str | Path, split: str, resolution: int, channels: int, chunk: int = 64):
+    """The fixed ``split`` of an image folder in chunks of ``chunk`` images, never all of it in memory: yields
+    ``(x, labels)`` with ``x`` ``(n, channels, resolution, resolution)`` in ``[-1, 1]`` and labels ``(n,)`` or None.
+    The order is :func:`load_image_folder`'s."""
+    from PIL import Image
+
+    files, labels, _ = list_images(folder)
+    if len(files) < 2:
+        raise UserError(f"{folder}: holds only {len(files)} image; add images (the test split needs at least one)")
+    idx = fixed_split_indices(len(files), split)
+    for start in range(0, len(idx), chunk):
+        part = idx[start : start + chunk]
+        x = np.empty((len(part), resolution, resolution, channels), dtype=np.uint8)
+        for i, j in enumerate(part):
+            try:
+                with _open(files[j]) as im:
+                    x[i] = _to_array(im, resolution, channels).reshape(resolution, resolution, channels)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise _corrupt(files[j], e) from None
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+        yield xt, None if labels is None else torch.tensor([labels[j] for j in part], dtype=torch.int64)
+
+
+def folder_split_files(folder: str | Path, split: str) -> tuple[list[Path], list[str] | None]:
+    """The files of ``split`` (in :func:`load_image_folder`'s order) and their captions (flat folders) or None."""
+    files, labels, _ = list_images(folder)
+    if len(files) < 2:
+        raise UserError(f"{folder}: holds only {len(files)} image; add images (the test split needs at least one)")
+    idx = fixed_split_indices(len(files), split)
+    captions = read_captions(folder, files) if labels is None else None
+    return [files[j] for j in idx], None if captions is None else [captions[j] for j in idx]
+
+
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
     paths = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(

@@ -297,14 +297,19 @@ class Components:
 
     @torch.no_grad()
     def decode(self, z: Tensor, batch_size: int = 16) -> Tensor:
-        """Latents -> images in ``[-1, 1]`` (clamped), on the CPU."""
+        """Latents -> images in ``[-1, 1]`` (clamped), on the CPU (decoded on the GPU when there is one)."""
         assert self.vae is not None
-        device = next(self.vae.parameters()).device
+        home = next(self.vae.parameters()).device
+        device = _encoding_device()
+        self.vae.to(device)
         dtype = next(self.vae.parameters()).dtype
         out = []
-        for i in range(0, len(z), batch_size):
-            zi = z[i : i + batch_size].to(device, dtype) / self.scaling_factor + self.shift_factor
-            out.append(self.vae.decode(zi).sample.float().clamp(-1, 1).cpu())
+        try:
+            for i in range(0, len(z), batch_size):
+                zi = z[i : i + batch_size].to(device, dtype) / self.scaling_factor + self.shift_factor
+                out.append(self.vae.decode(zi).sample.float().clamp(-1, 1).cpu())
+        finally:
+            self.vae.to(home)
         return torch.cat(out)
 
     def to(self, device: Any) -> "Components":
@@ -739,7 +744,14 @@ def prepare_training_data(teacher: DiffusersDenoiser, dataset: Any,
     """
     if getattr(dataset, "kind", "image") != "image":
         raise UserError(f"a diffusers teacher is trained on images; {dataset.name} holds points")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        teacher.components.to(_encoding_device())
+        return _prepare(teacher, dataset, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    finally:
+        teacher.components.to("cpu")
+
+
+def _prepare(teacher: DiffusersDenoiser, dataset: Any, cache: Path) -> TrainingData:
     x = dataset.x
     want_c = teacher.components.vae.config.in_channels if teacher.latent else teacher.sample_shape[0]
     if x.shape[1] != want_c:
@@ -782,6 +794,65 @@ def prepare_training_data(teacher: DiffusersDenoiser, dataset: Any,
     return TrainingData(x, labels, dataset.name)
 
 
+def _encoding_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_training_folder(teacher: DiffusersDenoiser, folder: str | Path, split: str = "train",
+                            cache_dir: str | Path | None = None, chunk: int = 32) -> TrainingData:
+    """An image folder -> the teacher's space, streamed: images are decoded and VAE-encoded ``chunk`` at a time (a
+    folder of 1024 px images never sits in memory as pixels), latents cached on disk; captions -> the prompt bank.
+
+    The text encoders and the VAE run on the GPU when there is one, and go back to the CPU afterwards.
+    """
+    from ..data.folder import folder_split_files, iter_image_folder
+
+    folder = Path(folder)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    comps = teacher.components
+    files, captions = folder_split_files(folder, split)
+    res = teacher.data_resolution
+    channels = int(comps.vae.config.in_channels) if teacher.latent else int(teacher.sample_shape[0])
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([stamp, res, channels, str(comps.folder.resolve()), teacher.latent]).encode())
+    path = cache / f"data_{key.hexdigest()[:20]}.safetensors"
+    labels = None
+    device = _encoding_device()
+    try:
+        comps.to(device)
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            stored = load_file(path)
+            x, labels = stored["x"], stored.get("labels")
+        else:
+            xs, ys = [], []
+            for xb, yb in iter_image_folder(folder, split, res, channels, chunk):
+                xs.append(comps.encode_images(xb) if teacher.latent else xb)
+                if yb is not None:
+                    ys.append(yb)
+            x = torch.cat(xs)
+            labels = torch.cat(ys) if ys else None
+            from safetensors.torch import save
+
+            from ..io import atomic_write_bytes
+
+            atomic_write_bytes(path, save({"x": x.contiguous(), **({} if labels is None else {"labels": labels})}))
+        if teacher.text_conditional:
+            if captions is None:
+                raise UserError(f"{folder} has no captions, but the teacher is text-to-image; put a caption next to "
+                                "each image (img.png + img.txt) or a metadata.jsonl / captions.txt in the folder")
+            comps.prompt_bank(captions, cache)
+            labels = torch.arange(len(captions))
+        elif teacher.num_classes == 0:
+            labels = None
+        elif labels is not None and int(labels.max()) >= teacher.num_classes:
+            raise UserError(f"{folder} has {int(labels.max()) + 1} classes but the teacher has {teacher.num_classes}")
+    finally:
+        comps.to("cpu")
+    return TrainingData(x, labels, str(folder))
+
+
 def decode_samples(model: Any, x: Tensor) -> Tensor:
     """Images in ``[-1, 1]`` from a model's samples (VAE-decoded for latent diffusers models)."""
     den = getattr(model, "generator", model)
@@ -791,4 +862,4 @@ def decode_samples(model: Any, x: Tensor) -> Tensor:
 
 __all__ = ["FAMILIES", "Components", "DiffusersNet", "DiffusersDenoiser", "PromptBank", "TrainingData",
            "decode_samples", "is_diffusers_folder", "load_diffusers", "network_from_spec", "prepare_training_data",
-           "schedule_from_scheduler_config"]
+           "prepare_training_folder", "schedule_from_scheduler_config"]
