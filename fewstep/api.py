@@ -24,7 +24,7 @@ DEFAULT_SAMPLER = "heun"
 DEFAULT_STEPS = 32
 
 
-def load_teacher(spec: str | Path) -> Denoiser:
+def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.dtype | None = None) -> Denoiser:
     """Load a teacher denoiser.
 
     Args:
@@ -32,6 +32,9 @@ def load_teacher(spec: str | Path) -> Denoiser:
             directory written by ``fewstep teacher train``, the path of a saved ``.safetensors``/``.json`` pair, or
             a local diffusers folder (a pipeline with ``model_index.json`` or a bare model; see
             :mod:`fewstep.models.hf`).
+        resolution: diffusers folders only: the image side to work at (default: the model's own).
+        dtype: diffusers folders only: the dtype to load the model and its text encoders and VAE in (default
+            float32).
 
     Returns:
         The denoiser in eval mode without gradients; its saved description is in ``.info``.
@@ -47,12 +50,14 @@ def load_teacher(spec: str | Path) -> Denoiser:
     elif path.is_dir() and ((path / "model_index.json").is_file() or (path / "config.json").is_file()):
         from .models.hf import load_diffusers
 
-        return load_diffusers(path)
+        return load_diffusers(path, dtype=dtype or torch.float32, resolution=resolution)
     else:
         raise UserError(
             f"no teacher at {spec_s!r}: give an embedded name ({', '.join(zoo.TEACHERS)}), "
             "a run directory from `fewstep teacher train`, a .safetensors file with its .json, or a diffusers folder"
         )
+    if resolution is not None or dtype is not None:
+        raise UserError("resolution and dtype are options of diffusers teachers; fewstep's own networks have theirs")
     den, desc = load_denoiser(prefix)
     den.info = desc
     return den

@@ -150,6 +150,18 @@ def test_raw_output_is_the_diffusers_model_call(folders):
                                sd.net.model(x, 250, encoder_hidden_states=emb["encoder_hidden_states"]).sample)
 
 
+def test_resolution_and_dtype_options(folders):
+    den = load_teacher(str(folders / "sd"), resolution=32, dtype=torch.bfloat16)
+    assert den.sample_shape == (4, 16, 16) and den.data_resolution == 32
+    assert next(den.parameters()).dtype == torch.bfloat16
+    x0 = den(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), torch.tensor([500.0]), None)
+    assert x0.shape == (1, 4, 16, 16) and torch.isfinite(x0).all()
+    with pytest.raises(UserError, match="multiple of 4"):
+        load_teacher(str(folders / "sd"), resolution=30)
+    with pytest.raises(UserError, match="diffusers teachers"):
+        load_teacher("digits", resolution=16)
+
+
 def test_bare_model_folder(folders, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(folders / "unet" / "unet", bare)

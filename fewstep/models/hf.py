@@ -624,14 +624,31 @@ def _model_class(name: str) -> Any:
     return getattr(diffusers, name)
 
 
-def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torch.dtype = torch.float32
-                   ) -> DiffusersDenoiser:
+def _resolution_shape(shape: tuple[int, int, int], resolution: int, model: nn.Module, family: str,
+                      components: Components) -> tuple[int, int, int]:
+    scale = components.vae_scale if components.latent else 1
+    cfg = model.config
+    if family in ("unet", "unet_cond"):
+        multiple = 2 ** (len(cfg.block_out_channels) - 1)
+    else:
+        multiple = 2 if family == "flux" else int(cfg.get("patch_size", 1) or 1)
+    step = scale * multiple
+    if resolution < 1 or resolution % step:
+        raise UserError(f"resolution {resolution} is not a multiple of {step} (the VAE's factor {scale} times the "
+                        f"model's {multiple}); pick e.g. {max(1, resolution // step) * step}")
+    return shape[0], resolution // scale, resolution // scale
+
+
+def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torch.dtype = torch.float32,
+                   resolution: int | None = None) -> DiffusersDenoiser:
     """Load a diffusers folder (pipeline or bare model) as a frozen :class:`DiffusersDenoiser`.
 
     Args:
         path: the folder.
         model: use this denoiser model instead of the folder's (a student's architecture rebuilt from its config).
         dtype: the dtype of the denoiser model and the components.
+        resolution: the image side to work at (default: the model's ``sample_size``, Flux: its pipeline's default,
+            times the VAE's factor).
     """
     folder = Path(path)
     if (folder / "model_index.json").is_file():
@@ -675,6 +692,8 @@ def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torc
         components = Components(folder, family)
     net_model.eval().requires_grad_(False)
     shape = _sample_shape(net_model, family, components)
+    if resolution is not None:
+        shape = _resolution_shape(shape, int(resolution), net_model, family, components)
     schedule, prediction = schedule_from_scheduler_config(sched_cfg, family, shape)
     net = DiffusersNet(net_model, family, components, _null_condition(components, family),
                        _num_classes(net_model, family))
