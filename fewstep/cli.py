@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     ts.add_argument("--seed", type=int, default=0)
     ts.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
+    ts.add_argument("--prompt", action="append", default=None,
+                    help="text-to-image teachers: a prompt (repeat for more; one image each, --n is ignored)")
 
     # fewstep distill
     di = sub.add_parser("distill", help="distill a teacher into a few-step student")
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--n", type=_positive_int("--n"), default=64)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
+    sa.add_argument("--prompt", action="append", default=None,
+                    help="text-to-image models: a prompt (repeat for more; one image each, --n is ignored)")
 
     # fewstep eval
     ev = sub.add_parser("eval", help="sample a model and measure it against held-out data")
@@ -183,9 +187,15 @@ def _cmd_teacher_sample(a: argparse.Namespace) -> None:
     from .diffusion.samplers import SAMPLERS
 
     _check_choice(a.sampler, SAMPLERS, "sampler")
-    from .models.hf import decode_samples
+    from .models.hf import decode_samples, generate_images
 
     teacher = load_teacher(a.teacher)
+    if a.prompt:
+        images = generate_images(teacher, a.prompt, seed=a.seed, steps=a.steps, sampler=a.sampler,
+                                 cfg_scale=a.cfg_scale)
+        save_samples(images, a.out)
+        print(f"{len(a.prompt)} images ({a.sampler}, {a.steps} steps) written to {a.out}")
+        return
     x, _, stats = generate(teacher, a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, seed=a.seed)
     save_samples(decode_samples(teacher, x), a.out, model_data(teacher))
     print(f"{a.n} samples ({a.sampler}, {a.steps} steps, NFE {stats['nfe']}) written to {a.out}")
@@ -237,9 +247,13 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     from .api import generate, load_model, model_data
     from .eval.images import save_samples
 
-    from .models.hf import decode_samples
+    from .models.hf import decode_samples, generate_images
 
     model = load_model(a.student)
+    if a.prompt:
+        save_samples(generate_images(model, a.prompt, seed=a.seed), a.out)
+        print(f"{len(a.prompt)} images written to {a.out}")
+        return
     x, _, stats = generate(model, a.n, seed=a.seed)
     save_samples(decode_samples(model, x), a.out, model_data(model))  # latent diffusers models: VAE-decoded
     print(f"{a.n} samples (NFE {stats['nfe']}) written to {a.out}")

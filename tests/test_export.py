@@ -296,6 +296,25 @@ def test_embedded_students_and_bad_input_are_user_errors(runs, tmp_path):
         export(str(runs / "unet"), "diffusers", tmp_path / "e")
 
 
+def test_prompts_sample_students_and_teachers(runs, tmp_path):
+    from fewstep.cli import main
+    from fewstep.models.hf import generate_images
+
+    student = load_model(runs / "run_sd")
+    images = generate_images(student, ["a picture of 1", "a picture of 2"], seed=3)
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    torch.randn((2, 4, 8, 8), generator=gen)
+    x = sample_student(student.generator, z, student.timesteps,
+                       student.generator.encode_prompts(["a picture of 1", "a picture of 2"]), generator=gen)
+    torch.testing.assert_close(images, student.generator.decode(x))
+    assert main(["sample", "--student", str(runs / "run_sd"), "--prompt", "a", "--prompt", "b", "--out",
+                 str(tmp_path / "s.png")]) == 0 and (tmp_path / "s.png").is_file()
+    assert main(["teacher", "sample", "--teacher", str(runs / "sd"), "--prompt", "a", "--steps", "2", "--cfg-scale",
+                 "3", "--out", str(tmp_path / "t.png")]) == 0 and (tmp_path / "t.png").is_file()
+    assert main(["sample", "--student", str(runs / "run_unet"), "--prompt", "a", "--out", str(tmp_path / "u.png")]) == 2
+
+
 def test_cli_export(runs, tmp_path, capsys):
     from fewstep.cli import main
 

@@ -872,6 +872,36 @@ def prepare_training_folder(teacher: DiffusersDenoiser, folder: str | Path, spli
     return TrainingData(x, labels, str(folder))
 
 
+@torch.no_grad()
+def generate_images(model: Any, prompts: list[str], seed: int = 0, steps: int = 32, sampler: str = "heun",
+                    cfg_scale: float = 1.0) -> Tensor:
+    """Images in ``[-1, 1]`` for ``prompts`` from a text-to-image teacher or student, one per prompt.
+
+    A student samples in its own steps with its own sampler (re-noising, or ODE steps for Lightning's); a teacher
+    with ``sampler``/``steps``/``cfg_scale`` (the empty prompt is CFG's negative).
+    """
+    from ..diffusion.denoiser import guided
+    from ..diffusion.samplers import initial_noise, sample, sample_ddim, sample_student
+
+    den = getattr(model, "generator", model)
+    if not isinstance(den, DiffusersDenoiser) or not den.text_conditional:
+        raise UserError("prompts are for text-to-image diffusers models; sample this one without --prompt")
+    if not prompts:
+        raise UserError("give at least one prompt")
+    device = next(den.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((len(prompts), *den.sample_shape), generator=gen).to(device)
+    cond = {k: v.to(device) for k, v in den.encode_prompts(list(prompts)).items()}
+    if den is model:  # a teacher
+        x = sample(guided(den, cfg_scale), z, steps, sampler, cond=cond)
+    elif "ode" in (getattr(model, "sampler", None), getattr(model, "info", {}).get("meta", {}).get("sampler")):
+        ts = torch.cat([model.timesteps.cpu(), torch.tensor([den.schedule.t_clean])]).to(device)
+        x = sample_ddim(den, initial_noise(den.schedule, z, ts[0]), ts, cond)
+    else:
+        x = sample_student(den, z, model.timesteps.to(device), cond, generator=gen)
+    return den.decode(x.cpu())
+
+
 def decode_samples(model: Any, x: Tensor) -> Tensor:
     """Images in ``[-1, 1]`` from a model's samples (VAE-decoded for latent diffusers models)."""
     den = getattr(model, "generator", model)
@@ -880,5 +910,5 @@ def decode_samples(model: Any, x: Tensor) -> Tensor:
 
 
 __all__ = ["FAMILIES", "Components", "DiffusersNet", "DiffusersDenoiser", "PromptBank", "TrainingData",
-           "decode_samples", "is_diffusers_folder", "load_diffusers", "network_from_spec", "prepare_training_data",
+           "decode_samples", "generate_images", "is_diffusers_folder", "load_diffusers", "network_from_spec", "prepare_training_data",
            "prepare_training_folder", "schedule_from_scheduler_config"]
