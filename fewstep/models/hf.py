@@ -31,14 +31,14 @@ The scheduler config maps onto our schedules (:func:`schedule_from_scheduler_con
 
 Prompt embeddings come from the pipeline's own ``encode_prompt`` (so CLIP, the two CLIPs of SD3 and Flux's CLIP + T5
 are encoded exactly as diffusers does), once per caption, kept in a :class:`PromptBank` (memory, and a safetensors
-file in the cache when a cache folder is given). ``null_cond`` is the empty prompt's embedding, as diffusers' CFG uses.
+file in the cache when a cache folder is given). ``null_cond`` is the empty prompt's embedding, as diffusers' CFG uses
+(zeros for SDXL, whose pipelines set ``force_zeros_for_empty_prompt``). A condition of ``None`` is the null one.
 
 ``features(x_t, t, cond)`` is the output of the UNet's mid block (after the down blocks), or the image tokens of the
 transformer's middle block on their patch grid ``(B, D, h, w)``; the forward pass stops there.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -236,8 +236,8 @@ class Components:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> dict[str, Tensor]:
-        """Prompt embeddings with the pipeline's own ``encode_prompt``: ``{"encoder_hidden_states"[,
-        "pooled_projections"]}``, each ``(len(prompts), ...)`` on the CPU."""
+        """Prompt embeddings with the pipeline's own ``encode_prompt``: ``{"encoder_hidden_states"}`` plus
+        ``"text_embeds"`` (SDXL) or ``"pooled_projections"`` (SD3, Flux), each ``(len(prompts), ...)`` on the CPU."""
         if self.pipe is None or not hasattr(self.pipe, "encode_prompt"):
             raise UserError(f"{self.folder}: encoding prompts needs the pipeline folder with its text encoders and "
                             "tokenizers (model_index.json, text_encoder/, tokenizer/)")
