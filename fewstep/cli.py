@@ -81,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # fewstep distill
     di = sub.add_parser("distill", help="distill a teacher into a few-step student")
-    di.add_argument("--method", default="dmd2", help="dmd2, add or disback")
+    di.add_argument("--method", default="dmd2", help="dmd2, add, lightning or disback")
     di.add_argument("--base", default=None, help="disback: the score-distillation method it wraps (dmd2 or add)")
     di.add_argument("--path-cache", default=None, help="disback: a folder where degradation paths are shared")
-    di.add_argument("--teacher", default=None, help="embedded name or teacher run directory (default: digits)")
+    di.add_argument("--teacher", default=None,
+                    help="embedded name, teacher run directory or local diffusers folder (default: digits)")
     di.add_argument("--data", default=None, help="real data (default: the teacher's training data)")
     di.add_argument("--steps", type=_positive_int("--steps"), default=None, help="student steps, 1..8 (default 1)")
     di.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")

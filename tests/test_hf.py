@@ -355,3 +355,14 @@ def test_flux(folders, tmp_path, monkeypatch):
     saved = load_model(out)
     x0 = saved.generator(z, torch.ones(1), saved.generator.encode_prompts(["a photo of thing 1"]))
     np.testing.assert_allclose(got, ((saved.generator.decode(x0) + 1) / 2).permute(0, 2, 3, 1).numpy(), atol=1e-4)
+
+
+def test_cli_distill_from_a_diffusers_folder(folders, tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "run"
+    assert main(["distill", "--method", "dmd2", "--teacher", str(folders / "sd"), "--data", str(folders / "images"),
+                 "--steps", "1", "--out", str(out), "--iterations", "1", "--batch-size", "2"]) == 0
+    assert (out / "student.json").is_file() and "report" not in capsys.readouterr().out  # latent: no pixel report
+    assert main(["distill", "--teacher", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 2
+    assert "diffusers folder" in capsys.readouterr().err

@@ -65,6 +65,7 @@ FAMILIES = {
 }
 TEXT_FAMILIES = ("unet_cond", "sd3", "flux")
 DENOISER_COMPONENTS = ("unet", "transformer")
+OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 FORMAT = "diffusers"
 
 
@@ -655,6 +656,8 @@ def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torc
         comps = _check_pipeline_folder(folder)
         name = next(n for n in DENOISER_COMPONENTS if n in comps and comps[n][1])
         extra = {name: model} if model is not None else {}
+        # what distillation never runs is not loaded (SD's safety checker alone is 1.2 GB); export keeps it
+        extra.update({n: None for n in OPTIONAL_COMPONENTS if n in comps})
         if model is not None and next(model.parameters()).dtype != dtype:
             model.to(dtype)
         pipe = load_pipeline(folder, torch_dtype=dtype, **extra)
