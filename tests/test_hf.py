@@ -154,8 +154,9 @@ def test_resolution_and_dtype_options(folders):
     den = load_teacher(str(folders / "sd"), resolution=32, dtype=torch.bfloat16)
     assert den.sample_shape == (4, 16, 16) and den.data_resolution == 32
     assert next(den.parameters()).dtype == torch.bfloat16
-    x0 = den(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), torch.tensor([500.0]), None)
-    assert x0.shape == (1, 4, 16, 16) and torch.isfinite(x0).all()
+    x0 = den(torch.randn(1, 4, 16, 16), torch.tensor([500.0]), den.encode_prompts(["a"]))  # float32 latents in
+    assert x0.shape == (1, 4, 16, 16) and x0.dtype == torch.float32 and torch.isfinite(x0).all()
+    assert den.features(torch.randn(1, 4, 16, 16), torch.tensor([500.0]), None).dtype == torch.float32
     with pytest.raises(UserError, match="multiple of 4"):
         load_teacher(str(folders / "sd"), resolution=30)
     with pytest.raises(UserError, match="diffusers teachers"):

@@ -413,8 +413,10 @@ class DiffusersNet(nn.Module):
         return cond
 
     # --- the model ------------------------------------------------------------------------------------------------
-    def _call(self, x: Tensor, c_noise: Tensor, cond: Any) -> Tensor:
+    def _call(self, x_in: Tensor, c_noise: Tensor, cond: Any) -> Tensor:
         m, fam = self.model, self.family
+        # the model's own dtype in (a bf16 teacher fed float32 latents), the caller's dtype out
+        x = x_in.to(next(m.parameters()).dtype)
         c = self._cond(x, cond)
         t = c_noise.to(x.device)
         if fam == "unet":
@@ -448,7 +450,7 @@ class DiffusersNet(nn.Module):
             out = _unpack(out, h, w)
         else:  # pragma: no cover - guarded at construction
             raise AssertionError(fam)
-        return out[:, : self.in_channels]  # learned-variance models (DiT, iDDPM) output [eps, variance]
+        return out[:, : self.in_channels].to(x_in.dtype)  # learned-variance models (DiT, iDDPM): [eps, variance]
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Any = None) -> Tensor:
         return self._call(x, c_noise, cond)
@@ -465,11 +467,11 @@ class DiffusersNet(nn.Module):
         if isinstance(out, tuple):  # joint blocks return (text tokens, image tokens)
             out = out[1] if self.family in ("sd3", "flux") else out[0]
         if self.family in ("unet", "unet_cond"):
-            return out
+            return out.to(x.dtype)
         # image tokens (B, N, D) on their patch grid
         p = 2 if self.family == "flux" else int(self.model.config.patch_size)
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w).to(x.dtype)
 
     # --- saving ---------------------------------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
