@@ -177,6 +177,19 @@ def test_bare_model_folder(folders, tmp_path):
         load_teacher(str(text))
 
 
+def test_unets_with_conditions_we_do_not_supply_are_refused(folders, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    inpaint = tmp_path / "inpaint"
+    shutil.copytree(folders / "sd", inpaint)
+    unet = UNet2DConditionModel.from_pretrained(str(folders / "sd" / "unet"))
+    config = dict(unet.config)
+    config["in_channels"] = 9
+    UNet2DConditionModel.from_config(config).save_pretrained(str(inpaint / "unet"))
+    with pytest.raises(UserError, match="inpainting"):
+        load_teacher(str(inpaint))
+
+
 def test_missing_files_are_one_line_user_errors(folders, tmp_path):
     broken = tmp_path / "sd"
     shutil.copytree(folders / "sd", broken)

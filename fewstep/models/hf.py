@@ -592,6 +592,14 @@ def _num_classes(model: nn.Module, family: str) -> int:
         return int(n)
     if family == "unet" and cfg.get("num_class_embeds"):
         return int(cfg.num_class_embeds)
+    if family == "unet_cond":
+        extra = [k for k in ("class_embed_type", "num_class_embeds", "time_cond_proj_dim", "encoder_hid_dim_type")
+                 if cfg.get(k) is not None] + (
+            ["addition_embed_type"] if cfg.get("addition_embed_type") not in (None, "text_time") else [])
+        if extra or cfg.get("out_channels") not in (cfg.get("in_channels"), 2 * cfg.get("in_channels")):
+            what = ", ".join(extra) or "in_channels != out_channels (an inpainting or upscaling UNet)"
+            raise UserError(f"this UNet2DConditionModel takes conditions fewstep does not supply ({what}); fewstep "
+                            "distills text-to-image UNets (SD 1.x/2.x, SDXL)")
     return 0
 
 
