@@ -28,7 +28,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two-iteration DMD2 students of a pixel UNet (2 steps), an SD-like text-to-image pipeline (2 steps, full
-    weights and LoRA), SD3 and SDXL (2 steps), and a Lightning student of the UNet (2 ODE steps), distilled once."""
+    weights and LoRA), SD3 and SDXL (2 steps), DiT (1 step), and a Lightning student of the UNet (2 ODE steps), distilled once."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("export")
@@ -38,6 +38,7 @@ def runs(tmp_path_factory):
     hf_tiny.sd_pipeline(root / "sd")
     hf_tiny.sd3_pipeline(root / "sd3")
     hf_tiny.sdxl_pipeline(root / "sdxl")
+    hf_tiny.dit_pipeline(root / "dit")
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -46,7 +47,7 @@ def runs(tmp_path_factory):
         (images / f"{i}.txt").write_text(f"a picture of {i}")
     common = dict(data=str(images), method="dmd2", iterations=2, batch_size=2, sample_every=0, checkpoint_every=100,
                   progress=False, evaluate_n=0)
-    for name, steps in (("unet", 2), ("sd", 2), ("sd3", 2), ("sdxl", 2)):
+    for name, steps in (("unet", 2), ("sd", 2), ("sd3", 2), ("sdxl", 2), ("dit", 1)):
         distill(teacher=str(root / name), steps=steps, out=root / f"run_{name}", **common)
     distill(teacher=str(root / "sd"), steps=2, out=root / "run_sd_lora", lora_rank=2, **common)  # a LoRA student
     lightning = {**common, "method": "lightning", "iterations": 4}  # ODE steps
@@ -158,6 +159,16 @@ def test_sdxl_pipeline_and_lora_round_trip(runs, tmp_path):
     via_lora = teacher(prompt, num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(9),
                        height=16, width=16, output_type="np").images
     assert np.isfinite(via_lora).all() and json.loads((lora / "fewstep_export.json").read_text())["lora_residual"] < 1
+
+
+def test_class_conditional_dit_pipeline_round_trip(runs, tmp_path):
+    out = export(str(runs / "run_dit"), "diffusers", tmp_path / "out")
+    student = load_model(runs / "run_dit")
+    pipe = _pipe(out)
+    got = pipe(class_labels=[0, 2], num_inference_steps=1, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(1), output_type="np").images
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(got, ours(student, z, torch.tensor([0, 2]), 0), atol=ATOL)
 
 
 def test_flow_pipeline_round_trip(runs, tmp_path):
