@@ -193,13 +193,16 @@ def evaluate(
     data = data or model_data(model)
     if data is None:
         raise UserError("this model does not record its training data; pass --data")
-    resolution = model.sample_shape[-1] if len(model.sample_shape) == 3 else None
-    test = load_data(data, "test", resolution=resolution)
-    if tuple(test.sample_shape) != tuple(model.sample_shape):
-        raise UserError(
-            f"the model makes samples of shape {tuple(model.sample_shape)} but {data} has {tuple(test.sample_shape)}"
-        )
+    from .models.hf import decode_samples, image_shape
+
+    shape = image_shape(model)  # latent diffusers models are measured on their decoded images
+    resolution = shape[-1] if len(shape) == 3 else None
+    channels = shape[0] if len(shape) == 3 and shape != tuple(model.sample_shape) else None
+    test = load_data(data, "test", resolution=resolution, channels=channels)
+    if tuple(test.sample_shape) != tuple(shape):
+        raise UserError(f"the model makes samples of shape {tuple(shape)} but {data} has {tuple(test.sample_shape)}")
     x, labels, timing = generate(model, n, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed)
+    x = decode_samples(model, x)
     want_inception = inception or inception_weights is not None
     digits_shaped = test.kind != "image" or tuple(test.sample_shape) in ((1, 8, 8), (1, 16, 16))
     metrics = evaluate_samples(x, test, labels=labels) if digits_shaped or not want_inception else {}

@@ -335,3 +335,18 @@ def test_cli_export(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", "--student", str(runs / "run_unet"), "--format", "diffusers", "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_evaluate_measures_decoded_images(runs, monkeypatch):
+    import fewstep.eval.evaluate as ev
+    from fewstep import evaluate
+
+    seen = {}
+
+    def fake(x, test, labels=None):
+        seen.update(x=tuple(x.shape), test=tuple(test.x.shape[1:]), lo=float(x.min()), hi=float(x.max()))
+        return {"fid": 0.0}
+
+    monkeypatch.setattr(ev, "evaluate_samples", fake)
+    out = evaluate(load_model(runs / "run_sd"), data=str(runs / "images"), n=3)
+    assert out["fid"] == 0.0 and seen["x"] == (3, 3, 16, 16) == (3, *seen["test"]) and -1 <= seen["lo"] <= seen["hi"] <= 1

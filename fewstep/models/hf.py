@@ -915,6 +915,15 @@ def generate_images(model: Any, prompts: list[str], seed: int = 0, steps: int = 
     return den.decode(x.cpu())
 
 
+def image_shape(model: Any) -> tuple[int, ...]:
+    """The shape of one sample as an image: the VAE's image for latent diffusers models, the sample otherwise."""
+    den = getattr(model, "generator", model)
+    den = getattr(den, "denoiser", den)
+    if isinstance(den, DiffusersDenoiser) and den.latent:
+        return int(den.components.vae.config.out_channels), den.data_resolution, den.data_resolution
+    return tuple(model.sample_shape)
+
+
 def decode_samples(model: Any, x: Tensor) -> Tensor:
     """Images in ``[-1, 1]`` from a model's samples (VAE-decoded for latent diffusers models)."""
     den = getattr(model, "generator", model)
@@ -923,5 +932,5 @@ def decode_samples(model: Any, x: Tensor) -> Tensor:
 
 
 __all__ = ["FAMILIES", "Components", "DiffusersNet", "DiffusersDenoiser", "PromptBank", "TrainingData",
-           "decode_samples", "generate_images", "is_diffusers_folder", "load_diffusers", "network_from_spec", "prepare_training_data",
+           "decode_samples", "generate_images", "image_shape", "is_diffusers_folder", "load_diffusers", "network_from_spec", "prepare_training_data",
            "prepare_training_folder", "schedule_from_scheduler_config"]
