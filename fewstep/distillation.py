@@ -143,7 +143,8 @@ def distill(
         save_student(student, out / "student", **meta)
         if hasattr(method_obj, "save_outputs"):  # methods with more than one student (Lightning's ladder)
             method_obj.save_outputs(out, **meta)
-        if evaluate_n > 0 and not (diffusers and teacher_model.latent):  # latent models: `fewstep eval` instead
+        # diffusers teachers: no domain-feature FID for their images; measure with `fewstep eval --inception`
+        if evaluate_n > 0 and not diffusers:
             from .report import write_run_report
 
             write_run_report(out, student, teacher_model, n=evaluate_n)
