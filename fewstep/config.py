@@ -40,6 +40,11 @@ class LoopConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the players' activations in the backward pass (diffusers models, ClassUNet): "
                            "less memory for ~30% more compute.")
+    fsdp: bool = Field(
+        False,
+        description="Shard every player's weights, gradients and optimizer state over the processes (FSDP2 "
+                    "fully_shard) instead of replicating them (DDP). Also on when `accelerate launch` runs with "
+                    "configs/accelerate_fsdp.yaml. Needs 2+ processes; no EMA; checkpoints gather the full state.")
     progress: bool = Field(True, description="Show a progress bar with the losses and the ETA.")
 
 

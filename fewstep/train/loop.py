@@ -32,6 +32,7 @@ Steps are counted in *iterations done*: the checkpoint, the log row and the samp
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -57,8 +58,10 @@ from .memory import (
     is_sharded_module,
     load_player_state,
     modules_of,
+    gather_player,
     optimizer_parameters,
     player_state,
+    shard_player,
     training_dtype,
 )
 
@@ -335,7 +338,11 @@ def train(
     if cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} does not split evenly across {world} processes")
 
-    fsdp = _is_fsdp(accelerator)
+    # FSDP: from an `accelerate launch` FSDP config or loop.fsdp; either way fewstep shards the players itself
+    # (shard_player) so that the methods run unchanged, and Accelerate only provides the processes.
+    fsdp = _is_fsdp(accelerator) or (cfg.fsdp and world > 1)
+    if cfg.fsdp and world == 1:
+        warnings.warn("loop.fsdp with one process: nothing to shard; training unsharded", stacklevel=2)
     if fsdp:
         with_ema = [name for name, p in method.players.items() if p.ema_decay is not None]
         if with_ema:
@@ -356,18 +363,32 @@ def train(
 
     # Players: EMA copies are taken before Accelerate wraps the modules (and patches forward for autocast).
     emas: dict[str, EMA] = {}
+    skeletons: dict[str, torch.nn.Module] = {}
+    # FSDP shards the large players; one with under 10% of the largest one's parameters (ADD's heads, whose R1
+    # penalty differentiates twice, which FSDP cannot) stays replicated, its gradients averaged like DDP's.
+    sizes = {n: sum(q.numel() for q in p.module.parameters() if q.requires_grad) for n, p in method.players.items()}
+    to_shard = {n for n, k in sizes.items() if fsdp and k >= 0.1 * max(sizes.values())}
     for name, player in method.players.items():
         if player.ema_decay is not None:
             emas[name] = EMA(player.module, player.ema_decay)
-        player.module, player.optimizer = accelerator.prepare(player.module, player.optimizer)
+        if name in to_shard:
+            skeletons[name] = copy.deepcopy(player.module).to("meta")  # to hand back a plain module after training
+            player.module = shard_player(player.module.to(accelerator.device), player.optimizer, low)
+            player.optimizer = accelerator.prepare(player.optimizer)
+        elif fsdp:  # replicated beside sharded players: not given to Accelerate, which would shard it
+            player.module = player.module.to(accelerator.device)
+            player.optimizer = accelerator.prepare(player.optimizer)
+        else:
+            player.module, player.optimizer = accelerator.prepare(player.module, player.optimizer)
         if name in emas:
             emas[name].to(accelerator.device)
             player.ema = emas[name].module
-    sharded = fsdp or any(is_sharded_module(p.module) for p in method.players.values())
+    sharded = {n: is_sharded_module(p.module) for n, p in method.players.items()}
     # Unsharded multi-process runs average gradients after backward instead of in DDP's backward hooks, so a method
     # may use a player's parameters outside its forward, several times in one backward, or freeze and unfreeze them
     # between phases (Lightning) -- all of which DDP's reducer refuses. (FSDP reduces in its own backward.)
-    manual_sync = world > 1 and not sharded
+    manual_sync = world > 1 and not any(sharded.values())
+    replicated = [n for n in method.players if world > 1 and not sharded[n]]
 
     # State that checkpoints carry besides the players.
     start, elapsed_before, nonfinite_total, consecutive_bad = 0, 0.0, 0, 0
@@ -434,7 +455,7 @@ def train(
                     if ok:
                         accelerator.backward(loss)
                 if ok:
-                    if manual_sync:
+                    if name in replicated:
                         average_gradients(player.module, accelerator.device)
                     if player.grad_clip is not None:
                         norm = _to_float(accelerator.clip_grad_norm_(player.module.parameters(), player.grad_clip))
@@ -495,7 +516,7 @@ def train(
                         log_fn(row)
 
             # --- samples --------------------------------------------------------------------------------------
-            if sample_fn is not None and main and (
+            if sample_fn is not None and main and not fsdp and (  # FSDP: one grid, after training (below)
                 (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.iterations
             ):
                 with accelerator.autocast():  # frozen parts may be held in the training dtype
@@ -519,6 +540,12 @@ def train(
             writer.close()
         if restore_dtypes is not None:  # evaluation and export run outside autocast
             restore_dtypes([e.module for e in emas.values()])
+    if fsdp:  # sampling, saving and export after training see plain modules with the full weights, on every process
+        for name in skeletons:
+            player = method.players[name]
+            player.module = gather_player(player.module, skeletons[name], accelerator.device)
+        if sample_fn is not None and main and start < cfg.iterations:
+            sample_fn(cfg.iterations, run_dir / "samples" / f"step_{cfg.iterations:08d}.png")
     accelerator.wait_for_everyone()
     if not last_row:
         last_row = {"it": start}
@@ -533,12 +560,12 @@ def _checkpoint(
     log_state: dict[str, Any],
     elapsed: float,
     run_config: dict[str, Any],
-    sharded: bool = False,
+    sharded: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint's contents; with ``sharded`` players a collective (every process calls it; rank 0 gets it)."""
     players = {}
     for name, p in method.players.items():
-        module_state, optimizer_state, fmt = player_state(p.module, p.optimizer, sharded)
+        module_state, optimizer_state, fmt = player_state(p.module, p.optimizer, bool(sharded and sharded[name]))
         players[name] = {
             "module": module_state,
             "optimizer": optimizer_state,
@@ -561,7 +588,7 @@ def _checkpoint(
 
 
 def _restore(method: Method, emas: dict[str, EMA], accelerator: Any, ckpt: dict[str, Any], path: Path,
-             sharded: bool = False) -> None:
+             sharded: dict[str, bool] | None = None) -> None:
     missing = set(method.players) - set(ckpt["players"])
     if missing:
         raise UserError(f"{path} has no state for player(s) {sorted(missing)}; it belongs to another kind of run")
@@ -569,7 +596,7 @@ def _restore(method: Method, emas: dict[str, EMA], accelerator: Any, ckpt: dict[
         for name, p in method.players.items():
             state = ckpt["players"][name]
             load_player_state(p.module, p.optimizer, state["module"], state["optimizer"],
-                              state.get("optimizer_format", "index"), sharded)
+                              state.get("optimizer_format", "index"), bool(sharded and sharded[name]))
             if p.lr_scheduler is not None and state.get("lr_scheduler") is not None:
                 p.lr_scheduler.load_state_dict(state["lr_scheduler"])
             if name in emas:

@@ -171,6 +171,98 @@ def is_sharded_module(module: nn.Module) -> bool:
     return False
 
 
+#: block classes that become FSDP units of their own (ours and diffusers'): the all-gather granularity
+FSDP_BLOCKS = ("ResBlock", "Attention", "ResnetBlock2D", "BasicTransformerBlock", "JointTransformerBlock",
+               "FluxTransformerBlock", "FluxSingleTransformerBlock", "Downsample2D", "Upsample2D")
+#: Denoiser methods the methods call besides forward: they gather the denoiser's weights too
+DENOISER_ENTRY_POINTS = ("features", "denoising_loss")
+
+
+def _units(module: nn.Module) -> list[nn.Module]:
+    """The children of ``module`` that hold parameters, looking through ModuleList/ModuleDict (no forward)."""
+    out = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            out.extend(_units(child))
+        elif any(True for _ in child.parameters()):
+            out.append(child)
+    return out
+
+
+def shard_player(module: nn.Module, optimizer: Any, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Shard a player over the processes with FSDP2 (``fully_shard``), so that methods keep working unchanged.
+
+    Units, innermost first: every block in :data:`FSDP_BLOCKS`; every denoiser (with :data:`DENOISER_ENTRY_POINTS`
+    registered as forward methods, so ``fake.features(...)`` gathers its weights like ``fake(...)`` does); every
+    child of the player holding parameters (heads); the player itself. The root then owns no parameters of its own,
+    so a method may call a player's parts directly (DMD2 reads the fake score in the generator's loss) without going
+    through the player's forward. The optimizer is pointed at the sharded parameters (same names, new tensors).
+
+    Args:
+        module: the player's module (unwrapped, on its device).
+        optimizer: its optimizer (no state yet).
+        param_dtype: all-gather the weights in this dtype (mixed precision), gradients reduced in float32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from ..diffusion.denoiser import Denoiser
+
+    names = {id(p): n for n, p in module.named_parameters()}
+    kw: dict[str, Any] = {}
+    if param_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    done: set[int] = set()
+
+    def shard(m: nn.Module) -> None:
+        if id(m) not in done and any(p.requires_grad for p in m.parameters()):
+            fully_shard(m, **kw)
+            done.add(id(m))
+
+    for m in list(module.modules())[::-1]:  # innermost first
+        if type(m).__name__ in FSDP_BLOCKS:
+            shard(m)
+    for m in list(module.modules())[::-1]:
+        if isinstance(m, Denoiser):
+            shard(m)
+            if id(m) in done:
+                for name in DENOISER_ENTRY_POINTS:
+                    register_fsdp_forward_method(m, name)
+    for m in _units(module):
+        shard(m)
+    fully_shard(module, **kw)
+    # FSDP2 makes the first unit to run forward the root; the player must be it even when a method first calls a part
+    # (DMD2's generator loss runs the fake score before the guidance player's own forward)
+    module._get_fsdp_state()._lazy_init()
+    after = dict(module.named_parameters())
+    opt = _raw_optimizer(optimizer)
+    assert not opt.state, "shard a player before its optimizer has state"
+    for group in opt.param_groups:
+        group["params"] = [after[names[id(p)]] for p in group["params"]]
+    return module
+
+
+def gather_player(module: nn.Module, skeleton: nn.Module, device: Any) -> nn.Module:
+    """A plain (unsharded) module with ``module``'s full weights on every process: ``skeleton`` (a meta-device copy
+    of the player taken before sharding) materialised on the CPU, its parameters gathered on rank 0 and broadcast one
+    tensor at a time (so no GPU holds more than one full tensor beyond its shard), its buffers copied (FSDP does not
+    shard buffers). A collective: every process calls it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    plain = skeleton.to_empty(device="cpu")
+    rank0 = dist.get_rank() == 0
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            t = full[name].to(device) if rank0 else torch.empty(p.shape, dtype=p.dtype, device=device)
+            dist.broadcast(t, src=0)
+            p.copy_(t.to(p.dtype))
+        buffers = dict(module.named_buffers())
+        for name, b in plain.named_buffers():
+            b.copy_(buffers[name])
+    return plain.train(module.training)
+
+
 def player_state(module: nn.Module, optimizer: Any, sharded: bool) -> tuple[dict[str, Any], dict[str, Any], str]:
     """``(module_state, optimizer_state, format)`` of one player, on the CPU.
 
