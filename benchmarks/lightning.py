@@ -7,7 +7,9 @@ as benchmarks/dmd2.py).
 One run per variant walks the whole ladder (32 teacher steps -> 8 by MSE -> 4 -> 2 -> 1) and leaves a student for every
 rung, so each variant gives rows for 8, 4, 2 and 1 steps. Variants: ``full`` (the paper: per adversarial stage a LoRA
 with the conditional objective, then the unconditional one, merged, then the full network unconditional),
-``conditional`` (the conditional objective only) and ``mse_only`` (progressive MSE distillation all the way down).
+``conditional`` (the conditional objective only), ``mse_only`` (progressive MSE distillation all the way down) and
+``paper_stabilisers`` (``full`` with the paper's multi-timestep training of 1- and 2-step students and re-noising to
+t* in {10, 250, 500, 750}, which the shipped configs scale down).
 ``full-lora`` rows sample the ``full`` run's LoRA files put on the teacher (rank ``lora_export_rank``). Teacher rows
 are those of benchmarks/dmd2.py. Each run uses the shipped config (configs/lightning_<data>.yaml), so every variant
 has the same budget. Writes benchmarks/results/lightning.json and prints the README table.
@@ -30,7 +32,9 @@ from fewstep.distillation import distill  # noqa: E402
 from fewstep.methods.lightning import LightningStudent, apply_lora, load_student  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {"full": {}, "conditional": {"objective": "conditional"}, "mse_only": {"objective": "mse_only"}}
+VARIANTS = {"full": {}, "conditional": {"objective": "conditional"}, "mse_only": {"objective": "mse_only"},
+            # the paper's stabilisers (the shipped configs scale them down; see configs/lightning_digits.yaml)
+            "paper_stabilisers": {"multi_timestep_max_steps": 2, "renoise_fractions": [0.01, 0.25, 0.5, 0.75]}}
 TEACHER_SETTINGS = [("ddim", 1), ("ddim", 2), ("ddim", 4), ("heun", 32)]
 STEPS = (8, 4, 2, 1)
 
