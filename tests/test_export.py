@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from fewstep import Student, UserError, distill, export, load_model, load_teache
 from fewstep.diffusion.samplers import sample_student
 from fewstep.export import lora_from_difference
 
-warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore")  # diffusers/transformers deprecation chatter
 ATOL = 1e-4
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from fewstep import UserError, distill, load_model, load_teacher
 from fewstep.data import load_data
 from fewstep.models.hf import DiffusersDenoiser, flux_shift, prepare_training_data, schedule_from_scheduler_config
 
-warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore")  # diffusers/transformers deprecation chatter
 
 
 @pytest.fixture(scope="module")
