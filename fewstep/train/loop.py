@@ -343,6 +343,9 @@ def train(
     fsdp = _is_fsdp(accelerator) or (cfg.fsdp and world > 1)
     if cfg.fsdp and world == 1:
         warnings.warn("loop.fsdp with one process: nothing to shard; training unsharded", stacklevel=2)
+    if fsdp and accelerator.scaler is not None:
+        raise UserError("fp16 mixed precision is not supported with FSDP (its loss scaler needs Accelerate's own "
+                        "wrapping); set loop.mixed_precision to bf16")
     if fsdp:
         with_ema = [name for name, p in method.players.items() if p.ema_decay is not None]
         if with_ema:
@@ -374,10 +377,8 @@ def train(
         if name in to_shard:
             skeletons[name] = copy.deepcopy(player.module).to("meta")  # to hand back a plain module after training
             player.module = shard_player(player.module.to(accelerator.device), player.optimizer, low)
-            player.optimizer = accelerator.prepare(player.optimizer)
         elif fsdp:  # replicated beside sharded players: not given to Accelerate, which would shard it
             player.module = player.module.to(accelerator.device)
-            player.optimizer = accelerator.prepare(player.optimizer)
         else:
             player.module, player.optimizer = accelerator.prepare(player.module, player.optimizer)
         if name in emas:
