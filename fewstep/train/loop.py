@@ -369,8 +369,8 @@ def train(
     skeletons: dict[str, torch.nn.Module] = {}
     # FSDP shards the large players; one with under 10% of the largest one's parameters (ADD's heads, whose R1
     # penalty differentiates twice, which FSDP cannot) stays replicated, its gradients averaged like DDP's.
-    sizes = {n: sum(q.numel() for q in p.module.parameters() if q.requires_grad) for n, p in method.players.items()}
-    to_shard = {n for n, k in sizes.items() if fsdp and k >= 0.1 * max(sizes.values())}
+    sizes = {key: sum(q.numel() for q in p.module.parameters() if q.requires_grad) for key, p in method.players.items()}
+    to_shard = {key for key, size in sizes.items() if fsdp and size >= 0.1 * max(sizes.values())}
     for name, player in method.players.items():
         if player.ema_decay is not None:
             emas[name] = EMA(player.module, player.ema_decay)
@@ -384,12 +384,12 @@ def train(
         if name in emas:
             emas[name].to(accelerator.device)
             player.ema = emas[name].module
-    sharded = {n: is_sharded_module(p.module) for n, p in method.players.items()}
+    sharded = {key: is_sharded_module(p.module) for key, p in method.players.items()}
     # Unsharded multi-process runs average gradients after backward instead of in DDP's backward hooks, so a method
     # may use a player's parameters outside its forward, several times in one backward, or freeze and unfreeze them
     # between phases (Lightning) -- all of which DDP's reducer refuses. (FSDP reduces in its own backward.)
     manual_sync = world > 1 and not any(sharded.values())
-    replicated = [n for n in method.players if world > 1 and not sharded[n]]
+    replicated = [key for key in method.players if world > 1 and not sharded[key]]
 
     # State that checkpoints carry besides the players.
     start, elapsed_before, nonfinite_total, consecutive_bad = 0, 0.0, 0, 0
@@ -544,7 +544,10 @@ def train(
     if fsdp:  # sampling, saving and export after training see plain modules with the full weights, on every process
         for name in skeletons:
             player = method.players[name]
+            player.optimizer.state.clear()  # training is over (the state is in the last checkpoint): room for the copy
             player.module = gather_player(player.module, skeletons[name], accelerator.device)
+            if restore_dtypes is not None:  # its frozen parts were copied in the training dtype
+                restore_dtypes([player.module])
         if sample_fn is not None and main and start < cfg.iterations:
             sample_fn(cfg.iterations, run_dir / "samples" / f"step_{cfg.iterations:08d}.png")
     accelerator.wait_for_everyone()

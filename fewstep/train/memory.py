@@ -243,20 +243,20 @@ def shard_player(module: nn.Module, optimizer: Any, param_dtype: torch.dtype | N
 
 def gather_player(module: nn.Module, skeleton: nn.Module, device: Any) -> nn.Module:
     """A plain (unsharded) module with ``module``'s full weights on every process: ``skeleton`` (a meta-device copy
-    of the player taken before sharding) materialised on the CPU, its parameters gathered on rank 0 and broadcast one
-    tensor at a time (so no GPU holds more than one full tensor beyond its shard), its buffers copied (FSDP does not
-    shard buffers). A collective: every process calls it."""
+    of the player taken before sharding) materialised on ``device``, its parameters gathered on rank 0 (in host
+    memory) and broadcast one tensor at a time, its buffers copied (FSDP does not shard buffers). A collective: every
+    process calls it."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    plain = skeleton.to_empty(device="cpu")
+    plain = skeleton.to_empty(device=device)
     rank0 = dist.get_rank() == 0
     with torch.no_grad():
         for name, p in plain.named_parameters():
             t = full[name].to(device) if rank0 else torch.empty(p.shape, dtype=p.dtype, device=device)
             dist.broadcast(t, src=0)
-            p.copy_(t.to(p.dtype))
+            p.copy_(t)
         buffers = dict(module.named_buffers())
         for name, b in plain.named_buffers():
             b.copy_(buffers[name])
