@@ -177,6 +177,7 @@ def test_two_processes_match_one_and_only_rank_0_writes(tmp_path: Path) -> None:
 
 
 METHODS = PRELUDE + """
+import warnings
 import fewstep
 
 out, record = sys.argv[1], sys.argv[2]
@@ -190,14 +191,17 @@ configs = {
     "lightning": {"ladder": [2, 1], "teacher_steps": 4},
 }
 iterations = {"lightning": 4}  # one per phase: MSE, then LoRA cond / LoRA uncond / full
-hashes = {}
+hashes, diverged = {}, {}
 for method, config in configs.items():
     n = iterations.get(method, 3)
-    student = fewstep.distill(method=method, out=f"{out}/{method}", config={"method": method, **config},
-                              iterations=n, checkpoint_every=n, **common)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        student = fewstep.distill(method=method, out=f"{out}/{method}", config={"method": method, **config},
+                                  iterations=n, checkpoint_every=n, **common)
+    diverged[method] = any("differs across processes" in str(w.message) for w in caught)
     blob = b"".join(v.detach().cpu().contiguous().numpy().tobytes() for v in student.state_dict().values())
     hashes[method] = hashlib.sha256(blob).hexdigest()
-json.dump(hashes, open(f"{record}/rank{state.process_index}.json", "w"))
+json.dump({"hashes": hashes, "diverged": diverged}, open(f"{record}/rank{state.process_index}.json", "w"))
 """
 
 
@@ -212,8 +216,9 @@ def methods_under_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
     script = tmp / "methods.py"
     script.write_text(METHODS)
     launch(script, str(tmp / "runs"), str(tmp), processes=2)
-    h0, h1 = (json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1))
-    return tmp / "runs", h0, h1
+    r0, r1 = (json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["diverged"] == r1["diverged"]
+    return tmp / "runs", r0, r1
 
 
 ALL_METHODS = ("dmd2", "add", "disback", "lightning")
@@ -222,8 +227,8 @@ ALL_METHODS = ("dmd2", "add", "disback", "lightning")
 def test_every_method_runs_under_ddp(methods_under_ddp: tuple[Path, dict, dict]) -> None:
     from fewstep.train import list_checkpoints, read_metrics
 
-    runs, h0, h1 = methods_under_ddp
-    assert set(h0) == set(h1) == set(ALL_METHODS)
+    runs, r0, r1 = methods_under_ddp
+    assert set(r0["hashes"]) == set(r1["hashes"]) == set(ALL_METHODS)
     for method in ALL_METHODS:
         run = runs / method
         n = 4 if method == "lightning" else 3
@@ -240,8 +245,15 @@ def test_every_method_runs_under_ddp(methods_under_ddp: tuple[Path, dict, dict])
                             "generator seeded by (seed, phase) instead)")),
 ])
 def test_ranks_stay_in_sync_under_ddp(methods_under_ddp: tuple[Path, dict, dict], method: str) -> None:
-    _, h0, h1 = methods_under_ddp
-    assert h0[method] == h1[method]
+    _, r0, r1 = methods_under_ddp
+    assert r0["hashes"][method] == r1["hashes"][method]
+    assert not r0["diverged"][method]  # the loop's check agrees (it warns when replicated weights differ)
+
+
+def test_the_loop_warns_when_replicated_players_diverge(methods_under_ddp: tuple[Path, dict, dict]) -> None:
+    _, r0, r1 = methods_under_ddp
+    # Lightning's known divergence (see the xfail above) is caught by the loop's per-log-row weight checksum
+    assert r0["diverged"]["lightning"] == (r0["hashes"]["lightning"] != r1["hashes"]["lightning"])
 
 
 FSDP = PRELUDE + """

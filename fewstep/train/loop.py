@@ -281,6 +281,24 @@ def average_gradients(module: torch.nn.Module, device: Any, bucket_numel: int = 
                 g.copy_(avg)
 
 
+def _warn_if_out_of_sync(method: Method, names: list[str], accelerator: Any, step: int, warned: set[str]) -> None:
+    """Replicated players must stay identical on every process; a weight checksum that differs means the method drew
+    something per process that all processes must agree on (e.g. a re-initialisation from the global RNG, which the
+    loop seeds per rank). Warns once per player; costs one small all-gather per log row."""
+    sums = []
+    for name in names:
+        module = accelerator.unwrap_model(method.players[name].module)
+        sums.append(torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+                    if any(True for _ in module.parameters()) else torch.zeros((), dtype=torch.float64))
+    gathered = accelerator.gather(torch.stack(sums).to(accelerator.device).reshape(1, -1)).reshape(-1, len(names))
+    for i, name in enumerate(names):
+        col = gathered[:, i]
+        if name not in warned and bool((col != col[0]).any()):
+            warned.add(name)
+            warnings.warn(f"iteration {step}: player {name!r} differs across processes (weight sums {col.tolist()}); "
+                          f"the method draws something per process that every process must agree on", stacklevel=3)
+
+
 def _window_means(accelerator: Any, window: dict[str, list[float]]) -> dict[str, float]:
     """Means since the last log row, averaged over processes (each process saw its own share of the batch)."""
     means = {k: s / c for k, (s, c) in sorted(window.items()) if c > 0}
@@ -390,6 +408,7 @@ def train(
     # between phases (Lightning) -- all of which DDP's reducer refuses. (FSDP reduces in its own backward.)
     manual_sync = world > 1 and not any(sharded.values())
     replicated = [key for key in method.players if world > 1 and not sharded[key]]
+    out_of_sync: set[str] = set()  # players already warned about
 
     # State that checkpoints carry besides the players.
     start, elapsed_before, nonfinite_total, consecutive_bad = 0, 0.0, 0, 0
@@ -507,6 +526,8 @@ def train(
                     row["max_memory_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
                 window = {}
                 last_row = row
+                if replicated:
+                    _warn_if_out_of_sync(method, replicated, accelerator, step, out_of_sync)
                 if main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
