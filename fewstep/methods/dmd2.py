@@ -57,7 +57,7 @@ def distribution_matching_loss(x: Tensor, grad: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Players as modules whose forward is the whole computation (DDP synchronises only through forward)
+# Players as modules whose forward is the whole computation (the loop averages their gradients across processes)
 # ----------------------------------------------------------------------------------------------------------------
 class Generator(nn.Module):
     """The generator denoiser; ``forward(x_t, t, cond) -> x0_hat``."""
