@@ -167,6 +167,29 @@ def sample(model: Denoiser, n: int, **kwargs: Any) -> tuple[Tensor, Tensor | Non
     return x, labels
 
 
+def read_prompts(prompts: str | Path | list[str]) -> list[str]:
+    """Prompts from a list, or from a text file with one prompt a line (blank lines skipped)."""
+    if isinstance(prompts, (list, tuple)):
+        out = [str(p) for p in prompts]
+    else:
+        path = Path(str(prompts))
+        if not path.is_file():
+            raise UserError(f"prompts file {path} not found; give a text file with one prompt a line")
+        try:
+            out = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompts file {path} ({e}); give a UTF-8 text file with one prompt a line") \
+                from None
+    if not out:
+        raise UserError(f"no prompts in {prompts}; give at least one prompt (one a line)")
+    return out
+
+
+def _is_text_model(model: Any) -> bool:
+    den = getattr(model, "generator", model)
+    return bool(getattr(den, "text_conditional", False))
+
+
 def evaluate(
     model: Denoiser,
     data: str | None = None,
@@ -177,22 +200,70 @@ def evaluate(
     seed: int = 0,
     inception: bool = False,
     inception_weights: str | Path | None = None,
+    patch_fid: bool = False,
+    patch_size: int = 299,
+    clip: bool = False,
+    clip_model: Any = None,
+    prompts: str | Path | list[str] | None = None,
+    feature_extractor: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Sample ``model`` and measure it against the held-out split of ``data`` (default: the model's own data).
 
-    With ``inception`` (or an ``inception_weights`` path) it adds ``inception_fid`` (torchmetrics' Inception-v3 from
-    the local weights file; the error names the file when it is missing); on images other than digits it is the only
-    FID.
+    Args:
+        model: a teacher or a student (:func:`load_model`).
+        data: reference data: an embedded name, an image folder or a point file (default: the model's own).
+        n: samples to draw (and to measure).
+        steps, sampler, cfg_scale: teachers' sampling (a student samples in its own steps).
+        seed: seed of the initial noise.
+        inception: add ``inception_fid`` (torchmetrics' Inception-v3 on the whole images; on images other than
+            digits it is the only FID).
+        inception_weights: the Inception weights file (implies ``inception``; default ``$FEWSTEP_INCEPTION_WEIGHTS``
+            or ``~/.cache/fewstep/pt_inception-2015-12-05-6726825d.pth``).
+        patch_fid: add ``patch_fid``: Inception FID on the ``patch_size`` centre crops of the full-resolution images
+            (SDXL-Lightning's measure of detail); same weights file.
+        patch_size: side of the patch (299: Inception's input size, no resizing).
+        clip: add ``clip_score`` (text-to-image models; needs ``prompts``).
+        clip_model: a transformers CLIP folder (implies ``clip``; default ``$FEWSTEP_CLIP_MODEL`` or
+            ``~/.cache/fewstep/clip-vit-large-patch14``) or a loaded :class:`fewstep.eval.clip.CLIP`.
+        prompts: text-to-image models: the prompts to sample from (a list, or a text file with one a line); they are
+            used in order and repeated to make ``n`` images. Without them a text-to-image model samples on the
+            empty prompt.
+        feature_extractor: a module mapping uint8 RGB images ``(B, 3, H, W)`` to features ``(B, D)`` to use
+            instead of Inception for ``inception_fid`` and ``patch_fid`` (no weights file needed).
 
-    Returns a dict with ``fid``, ``precision``, ``recall``, ``class_accuracy`` (images) or ``sliced_w``,
-    ``modes_covered``, ``high_quality`` (points), plus ``nfe`` and ``seconds_per_1000``.
+    Missing weights files are a one-line :class:`UserError` naming what to provide, raised before any sampling.
+
+    Returns:
+        A dict with ``fid``, ``precision``, ``recall``, ``class_accuracy`` (digits images) or ``sliced_w``,
+        ``modes_covered``, ``high_quality`` (points), plus ``inception_fid``, ``patch_fid`` and ``clip_score`` when
+        asked for, ``nfe`` and ``seconds_per_1000``.
     """
     from .data import load_data
     from .eval.evaluate import evaluate_samples
 
+    want_inception = inception or inception_weights is not None
+    want_clip = clip or clip_model is not None
     data = data or model_data(model)
     if data is None:
         raise UserError("this model does not record its training data; pass --data")
+    prompt_list = read_prompts(prompts) if prompts is not None else None
+    text_model = _is_text_model(model)
+    if prompt_list is not None and not text_model:
+        raise UserError("prompts are for text-to-image models; this one is not: drop --prompts (and --clip)")
+    if want_clip and not text_model:
+        raise UserError("CLIP score measures text-to-image models; this one is not: drop --clip")
+    if want_clip and prompt_list is None:
+        raise UserError("CLIP score needs the prompts to sample from: pass --prompts FILE (one prompt a line)")
+    # weights first: a missing file is reported before minutes of sampling
+    if (want_inception or patch_fid) and feature_extractor is None:
+        from .eval.inception import resolve_weights_path
+
+        inception_weights = resolve_weights_path(inception_weights)
+    clip_net = None
+    if want_clip:
+        from .eval.clip import CLIP, load_clip
+
+        clip_net = clip_model if isinstance(clip_model, CLIP) else load_clip(clip_model)
     from .models.hf import decode_samples, image_shape
 
     shape = image_shape(model)  # latent diffusers models are measured on their decoded images
@@ -201,20 +272,69 @@ def evaluate(
     test = load_data(data, "test", resolution=resolution, channels=channels)
     if tuple(test.sample_shape) != tuple(shape):
         raise UserError(f"the model makes samples of shape {tuple(shape)} but {data} has {tuple(test.sample_shape)}")
-    x, labels, timing = generate(model, n, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed)
-    x = decode_samples(model, x)
-    want_inception = inception or inception_weights is not None
+    if (want_inception or patch_fid or want_clip) and test.kind != "image":
+        raise UserError("Inception FID, patch FID and CLIP score are for images; 2-D data is measured with sliced_w "
+                        "and mode coverage")
+    if patch_fid and min(shape[-2:]) < patch_size:
+        raise UserError(f"patch FID crops {patch_size}x{patch_size} patches from full-resolution images, but this "
+                        f"model makes {shape[-2]}x{shape[-1]}; use --inception for small images or a smaller "
+                        "--patch-size")
+    if prompt_list is not None:
+        x, labels, timing = _generate_from_prompts(model, prompt_list, n, steps, sampler, cfg_scale, seed)
+        used_prompts = [prompt_list[i % len(prompt_list)] for i in range(n)]
+    else:
+        x, labels, timing = generate(model, n, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed)
+        x = decode_samples(model, x)
+        used_prompts = None
     digits_shaped = test.kind != "image" or tuple(test.sample_shape) in ((1, 8, 8), (1, 16, 16))
-    metrics = evaluate_samples(x, test, labels=labels) if digits_shaped or not want_inception else {}
+    named_metric = want_inception or patch_fid or want_clip
+    metrics = evaluate_samples(x, test, labels=labels) if digits_shaped or not named_metric else {}
     if want_inception:
-        if test.kind != "image":
-            raise UserError("Inception FID is for images; 2-D data is measured with sliced_w and mode coverage")
         from .eval.inception import inception_fid
 
-        metrics["inception_fid"] = inception_fid(test.x, x, weights_path=inception_weights)
+        metrics["inception_fid"] = inception_fid(test.x, x, weights_path=inception_weights,
+                                                 feature_extractor=feature_extractor)
+    if patch_fid:
+        from .eval.inception import patch_fid as measure_patch_fid
+
+        metrics["patch_fid"] = measure_patch_fid(test.x, x, patch=patch_size, weights_path=inception_weights,
+                                                 feature_extractor=feature_extractor)
+    if want_clip:
+        from .eval.clip import clip_score
+
+        metrics["clip_score"] = clip_score(x, used_prompts, clip_net)
     empty = dict.fromkeys(("fid", "precision", "recall", "class_accuracy"))
     if hasattr(model, "steps"):  # a student: its own steps, its own sampler
         steps, sampler = model.steps, "student"
     else:
         steps = steps or DEFAULT_STEPS
     return {**empty, **metrics, **timing, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale, "n": n, "data": data}
+
+
+def _generate_from_prompts(model: Any, prompts: list[str], n: int, steps: int | None, sampler: str,
+                           cfg_scale: float, seed: int, batch_size: int = 64) -> tuple[Tensor, None, dict[str, float]]:
+    """``n`` decoded images of a text-to-image model, on ``prompts`` in order (repeated as needed), and timing."""
+    from .diffusion.samplers import nfe as count_nfe
+    from .models.hf import generate_images
+    from .student import Student
+
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    if isinstance(model, Student):
+        if steps is not None and steps != model.steps:
+            raise UserError(f"this student samples in {model.steps} steps (its training timesteps); drop --steps "
+                            f"or pass --steps {model.steps}")
+        evals, kwargs = model.steps, {}
+    else:
+        steps = check_steps(DEFAULT_STEPS if steps is None else steps)
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+        evals = count_nfe(sampler, steps) * (2 if cfg_scale != 1.0 else 1)
+        kwargs = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale)
+    ps = [prompts[i % len(prompts)] for i in range(n)]
+    out = []
+    start = time.perf_counter()
+    for i in range(0, n, batch_size):
+        out.append(generate_images(model, ps[i : i + batch_size], seed=seed + i, **kwargs))
+    seconds = time.perf_counter() - start
+    return torch.cat(out), None, {"nfe": evals, "seconds_per_1000": seconds / n * 1000}

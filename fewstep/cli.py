@@ -120,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception", action="store_true",
                     help="add Inception FID (weights: --inception-weights, $FEWSTEP_INCEPTION_WEIGHTS or the cache)")
     ev.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
+    ev.add_argument("--patch-fid", action="store_true",
+                    help="add patch FID: Inception FID on full-resolution centre crops (SDXL-Lightning's measure of "
+                         "detail; the Inception weights as --inception)")
+    ev.add_argument("--patch-size", type=_positive_int("--patch-size"), default=299,
+                    help="side of patch FID's centre crops (default 299, Inception's input size)")
+    ev.add_argument("--clip", nargs="?", const="", default=None, metavar="DIR",
+                    help="add CLIP score (text-to-image models; needs --prompts): a transformers CLIP folder, or "
+                         "$FEWSTEP_CLIP_MODEL / ~/.cache/fewstep/clip-vit-large-patch14 when no DIR is given")
+    ev.add_argument("--prompts", default=None, metavar="FILE",
+                    help="text-to-image models: sample from these prompts (one a line, repeated to --n)")
 
     # fewstep demo
     de = sub.add_parser("demo", help="the embedded default end to end: teacher, samples, evaluation, report")
@@ -209,7 +219,9 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     _check_choice(a.sampler, SAMPLERS, "sampler")
     model = load_model(a.model)
     result = evaluate(model, data=a.data, n=a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale,
-                      seed=a.seed, inception=a.inception, inception_weights=a.inception_weights)
+                      seed=a.seed, inception=a.inception, inception_weights=a.inception_weights,
+                      patch_fid=a.patch_fid, patch_size=a.patch_size, clip=a.clip is not None,
+                      clip_model=a.clip or None, prompts=a.prompts)
     result = {"model": a.model, **result}
     if a.json:
         print(json.dumps(result))

@@ -141,3 +141,92 @@ def test_clip_score_missing_weights_names_what_to_provide(tmp_path: Path, monkey
     (broken / "config.json").write_text("{}")
     with pytest.raises(UserError, match="not a complete transformers CLIP folder"):
         clip_score(x, ["a"], broken)
+
+
+# -------------------------------------------------- fewstep.evaluate / fewstep eval: --patch-fid, --clip, --prompts
+@pytest.fixture(scope="module")
+def sd_and_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny text-to-image latent pipeline (16 px images) and a captioned image folder."""
+    import numpy as np
+    from PIL import Image
+
+    import hf_tiny
+
+    root = tmp_path_factory.mktemp("sd")
+    hf_tiny.sd_pipeline(root / "sd")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):  # the held-out split gets a few
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"a photo of thing {i}")
+    return root / "sd", images
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_evaluate_adds_patch_fid_and_clip_score(sd_and_images, tiny_clip: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torchmetrics")
+    from fewstep import evaluate, load_teacher
+    from fewstep.models.hf import generate_images
+
+    sd, images = sd_and_images
+    teacher = load_teacher(sd)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\nthe sea\n")
+    net = _TinyExtractor()
+    out = evaluate(teacher, data=str(images), n=4, steps=2, sampler="ddim", inception=True, patch_fid=True,
+                   patch_size=8, clip_model=tiny_clip, prompts=prompts, feature_extractor=net)
+    assert out["fid"] is None and out["nfe"] == 2
+    # the same images by hand: one per prompt, in order, repeated to n
+    ps = ["a cat", "a dog", "the sea", "a cat"]
+    x = torch.cat([generate_images(teacher, ps, seed=0, steps=2, sampler="ddim")])
+    from fewstep.data import load_data
+
+    real = load_data(str(images), "test", resolution=16, channels=3).x
+    assert out["clip_score"] == pytest.approx(clip_score(x, ps, tiny_clip), abs=1e-4)
+    assert out["inception_fid"] == pytest.approx(inception_fid(real, x, feature_extractor=net), rel=1e-5)
+    assert out["patch_fid"] == pytest.approx(patch_fid(real, x, patch=8, feature_extractor=net), rel=1e-5)
+    # bad combinations are one-line errors before any sampling
+    for kwargs, needle in (({"clip_model": tiny_clip}, "--prompts"),
+                           ({"patch_fid": True, "feature_extractor": net}, "--patch-size"),
+                           ({"prompts": tmp_path / "none.txt"}, "none.txt")):
+        with pytest.raises(UserError, match=needle) as e:
+            evaluate(teacher, data=str(images), n=2, steps=1, **kwargs)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_cli_eval_patch_fid_and_clip(sd_and_images, tiny_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("torchmetrics")
+    import fewstep.eval.inception as inc
+    from fewstep.cli import main
+
+    sd, images = sd_and_images
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    weights = tmp_path / inc.WEIGHTS_FILE
+    base = ["eval", "--model", str(sd), "--data", str(images), "--n", "3", "--steps", "1", "--sampler", "ddim"]
+    # absent weights: one line naming them, before sampling
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(inc.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv("FEWSTEP_CLIP_MODEL", raising=False)
+    assert main([*base, "--patch-fid", "--patch-size", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (diffusers' loading bars come before it)
+    assert err.startswith("fewstep: error:") and inc.WEIGHTS_FILE in err
+    assert main([*base, "--clip", "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fewstep: error:") and "clip-vit-large-patch14" in err
+    assert main([*base, "--clip", str(tiny_clip)]) == 2
+    assert "--prompts" in capsys.readouterr().err
+    # with weights (the tiny extractor stands in for Inception) and the tiny CLIP
+    weights.write_bytes(b"")
+    monkeypatch.setenv(inc.WEIGHTS_ENV, str(weights))
+    real_fid = inc.inception_fid
+    monkeypatch.setattr(inc, "inception_fid", lambda r, f, **kw: real_fid(r, f, **{**kw, "weights_path": None,
+                                                                              "feature_extractor": _TinyExtractor()}))
+    assert main([*base, "--patch-fid", "--patch-size", "8", "--clip",
+                 str(tiny_clip), "--prompts", str(prompts), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["patch_fid"] >= 0 and 0 <= result["clip_score"] <= 100 and result["nfe"] == 1
+    assert "inception_fid" not in result  # not asked for (--inception or --inception-weights adds it)
