@@ -67,6 +67,29 @@ def _sample_writer(student_of: Any, data_name: str | None) -> Any:
     return write
 
 
+def prepare_data(teacher: Any, data_name: str) -> Any:
+    """The training split of ``data_name`` in ``teacher``'s space.
+
+    Diffusers teachers: images VAE-encoded to latents and captions encoded to prompt embeddings, both cached on disk
+    (:mod:`fewstep.models.hf`). Under ``accelerate launch`` the main process of each machine prepares first and
+    writes the cache (atomically); the other processes wait, then read it instead of encoding the data again.
+    """
+    from accelerate import PartialState
+
+    from .data import load_data
+    from .models.hf import DiffusersDenoiser, prepare_training_data, prepare_training_folder
+
+    if not isinstance(teacher, DiffusersDenoiser):
+        resolution = teacher.sample_shape[-1] if len(teacher.sample_shape) == 3 else None
+        return load_data(data_name, "train", resolution=resolution)
+    state = PartialState(cpu=not torch.cuda.is_available())  # as the loop's Accelerator
+    with state.local_main_process_first():  # one encoder per machine; a shared cache folder is safe too (atomic)
+        if Path(data_name).is_dir():  # streamed: decoded and VAE-encoded in chunks, cached
+            return prepare_training_folder(teacher, data_name)
+        # pixels at the VAE's resolution, encoded to latents; captions encoded to prompt embeddings
+        return prepare_training_data(teacher, load_data(data_name, "train", teacher.data_resolution))
+
+
 def distill(
     teacher: str | None = None,
     method: str = "dmd2",
@@ -75,6 +98,7 @@ def distill(
     config: str | Path | dict[str, Any] | None = None,
     resume: bool = False,
     evaluate_n: int = 1000,
+    inception_weights: str | Path | None = None,
     **overrides: Any,
 ) -> Student:
     """Distill ``teacher`` into a ``steps``-step student with ``method``.
@@ -89,32 +113,29 @@ def distill(
         config: a YAML file or dict of the method's config (see ``configs/``).
         resume: continue the run in ``out`` from its newest checkpoint.
         evaluate_n: samples for the final evaluation in ``eval.json`` and the report (0: skip).
+        inception_weights: the Inception weights file (default ``$FEWSTEP_INCEPTION_WEIGHTS``): images other than
+            digits (a diffusers teacher's, an image folder's) get Inception FID in the report; without it the report
+            says how to measure FID and keeps NFE, timing, curves and samples.
         **overrides: any config field (``guidance_scale=2.0``, ``gan=False``) or loop field (``iterations=500``).
 
     Returns:
         The student (also saved as ``out/student.safetensors``).
     """
     from .api import load_teacher, model_data
-    from .data import load_data
     from .train.loop import check_run_dir, train
 
     out = Path(out)
     cfg = make_config(method, config, teacher=teacher, steps=steps, **overrides)
     check_run_dir(out, resume)
+    if inception_weights is not None and evaluate_n > 0:  # a wrong path is reported now, not after training
+        from .eval.inception import resolve_weights_path
+
+        inception_weights = resolve_weights_path(inception_weights)
     teacher_model = load_teacher(cfg.teacher)
     data_name = cfg.data or model_data(teacher_model)
     if data_name is None:
         raise UserError(f"teacher {cfg.teacher!r} does not record its data; pass --data")
-    from .models.hf import DiffusersDenoiser, prepare_training_data, prepare_training_folder
-
-    diffusers = isinstance(teacher_model, DiffusersDenoiser)
-    resolution = teacher_model.sample_shape[-1] if len(teacher_model.sample_shape) == 3 else None
-    if diffusers and Path(data_name).is_dir():  # streamed: decoded and VAE-encoded in chunks, cached
-        dataset = prepare_training_folder(teacher_model, data_name)
-    elif diffusers:  # pixels at the VAE's resolution, encoded to latents; captions encoded to prompt embeddings
-        dataset = prepare_training_data(teacher_model, load_data(data_name, "train", teacher_model.data_resolution))
-    else:
-        dataset = load_data(data_name, "train", resolution=resolution)
+    dataset = prepare_data(teacher_model, data_name)
     if tuple(dataset.sample_shape) != tuple(teacher_model.sample_shape):
         raise UserError(f"data {data_name!r} has samples of shape {tuple(dataset.sample_shape)} but the teacher "
                         f"makes {tuple(teacher_model.sample_shape)}")
@@ -143,10 +164,9 @@ def distill(
         save_student(student, out / "student", **meta)
         if hasattr(method_obj, "save_outputs"):  # methods with more than one student (Lightning's ladder)
             method_obj.save_outputs(out, **meta)
-        # diffusers teachers: no domain-feature FID for their images; measure with `fewstep eval --inception`
-        if evaluate_n > 0 and not diffusers:
+        if evaluate_n > 0:  # every run gets its report; FID where a feature network is available
             from .report import write_run_report
 
-            write_run_report(out, student, teacher_model, n=evaluate_n)
+            write_run_report(out, student, teacher_model, n=evaluate_n, inception_weights=inception_weights)
     PartialState().wait_for_everyone()
     return student
