@@ -48,6 +48,24 @@ def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
     return value
 
 
+def _is_main_process() -> bool:
+    """False on the other processes of an ``accelerate launch`` (they share the main process's results)."""
+    import os
+
+    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:  # not launched: no need to start Accelerate
+        return True
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
+def _say(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the main process only: under ``accelerate launch`` a message appears once, not once a process."""
+    if _is_main_process():
+        print(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .diffusion.samplers import SAMPLERS
 
@@ -94,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
     di.add_argument("--seed", type=int, default=None)
     di.add_argument("--guidance-scale", type=float, default=None, help="CFG scale on the real score")
+    di.add_argument("--inception-weights", default=None, metavar="FILE",
+                    help="images other than digits: Inception FID in report.html with this weights file "
+                         "(pt_inception-2015-12-05-6726825d.pth; default $FEWSTEP_INCEPTION_WEIGHTS)")
     di.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     di.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
@@ -186,10 +207,10 @@ def _cmd_teacher_train(a: argparse.Namespace) -> None:
     if a.dry_run:
         import yaml
 
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        _say(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return
     model = train_teacher(cfg, out, resume=a.resume, sample_fn=teacher_sample_writer(cfg.data))
-    print(f"teacher written to {model}.safetensors")
+    _say(f"teacher written to {model}.safetensors")
 
 
 def _cmd_teacher_sample(a: argparse.Namespace) -> None:
@@ -205,11 +226,11 @@ def _cmd_teacher_sample(a: argparse.Namespace) -> None:
         images = generate_images(teacher, a.prompt, seed=a.seed, steps=a.steps, sampler=a.sampler,
                                  cfg_scale=a.cfg_scale)
         save_samples(images, a.out)
-        print(f"{len(a.prompt)} images ({a.sampler}, {a.steps} steps) written to {a.out}")
+        _say(f"{len(a.prompt)} images ({a.sampler}, {a.steps} steps) written to {a.out}")
         return
     x, _, stats = generate(teacher, a.n, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, seed=a.seed)
     save_samples(decode_samples(teacher, x), a.out, model_data(teacher))
-    print(f"{a.n} samples ({a.sampler}, {a.steps} steps, NFE {stats['nfe']}) written to {a.out}")
+    _say(f"{a.n} samples ({a.sampler}, {a.steps} steps, NFE {stats['nfe']}) written to {a.out}")
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
@@ -224,11 +245,11 @@ def _cmd_eval(a: argparse.Namespace) -> None:
                       clip_model=a.clip or None, prompts=a.prompts)
     result = {"model": a.model, **result}
     if a.json:
-        print(json.dumps(result))
+        _say(json.dumps(result))
     else:
         width = max(len(k) for k in result)
         for k, v in result.items():
-            print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+            _say(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
 
 
 def _cmd_distill(a: argparse.Namespace) -> None:
@@ -249,11 +270,12 @@ def _cmd_distill(a: argparse.Namespace) -> None:
         import yaml
 
         cfg = make_config(a.method, a.config, **options)
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        _say(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return
-    distill(method=a.method, out=out, config=a.config, resume=a.resume, **options)
+    distill(method=a.method, out=out, config=a.config, resume=a.resume, inception_weights=a.inception_weights,
+            **options)
     report = f"; report: {out / 'report.html'}" if (out / "report.html").is_file() else ""
-    print(f"student written to {out / 'student.safetensors'}{report}")
+    _say(f"student written to {out / 'student.safetensors'}{report}")
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:
@@ -265,11 +287,11 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     model = load_model(a.student)
     if a.prompt:
         save_samples(generate_images(model, a.prompt, seed=a.seed), a.out)
-        print(f"{len(a.prompt)} images written to {a.out}")
+        _say(f"{len(a.prompt)} images written to {a.out}")
         return
     x, _, stats = generate(model, a.n, seed=a.seed)
     save_samples(decode_samples(model, x), a.out, model_data(model))  # latent diffusers models: VAE-decoded
-    print(f"{a.n} samples (NFE {stats['nfe']}) written to {a.out}")
+    _say(f"{a.n} samples (NFE {stats['nfe']}) written to {a.out}")
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
@@ -284,7 +306,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     else:
         out = _new_path(a.out)
     report = run_demo(out, n=a.n, distill_iterations=a.distill_iterations)
-    print(f"report written to {report}")
+    _say(f"report written to {report}")
 
 
 def _cmd_zoo(a: argparse.Namespace) -> None:
@@ -296,7 +318,7 @@ def _cmd_zoo(a: argparse.Namespace) -> None:
             present = prefix.with_suffix(".safetensors").is_file()
             size = prefix.with_suffix(".safetensors").stat().st_size / 1e6 if present else 0.0
             status = f"{size:.2f} MB" if present else "missing"
-            print(f"{name:<18} {status:<10} rebuild: {zoo.build_command(name)}")
+            _say(f"{name:<18} {status:<10} rebuild: {zoo.build_command(name)}")
         return
     _check_choice(a.name, (*zoo.TEACHERS, zoo.CLASSIFIER), "embedded weights")
     work = Path(a.work_dir) if a.work_dir else Path("runs/zoo") / a.name
@@ -308,7 +330,7 @@ def _cmd_zoo(a: argparse.Namespace) -> None:
     if work.exists() and any(work.iterdir()) and not a.resume:
         raise UserError(f"{work} already exists; pass --resume or --work-dir NEW_DIR")
     path = zoo.build_teacher(a.name, work, resume=a.resume)
-    print(f"{a.name} written to {path}.safetensors")
+    _say(f"{a.name} written to {path}.safetensors")
 
 
 def _cmd_export(a: argparse.Namespace) -> None:
@@ -316,7 +338,7 @@ def _cmd_export(a: argparse.Namespace) -> None:
 
     _check_choice(a.format, FORMATS, "export format")
     out = export(a.student, a.format, a.out, rank=a.rank)
-    print(f"{a.format} export written to {out}")
+    _say(f"{a.format} export written to {out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

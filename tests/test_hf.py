@@ -270,6 +270,38 @@ def test_folders_are_encoded_in_chunks_as_in_memory(folders, cache, monkeypatch)
     torch.testing.assert_close(prepare_training_folder(den, folders / "images").x, whole.x)
 
 
+def test_the_data_cache_is_written_atomically_and_reused(folders, cache, monkeypatch):
+    import fewstep.io as fio
+    from fewstep.models.hf import prepare_training_folder
+
+    den = load_teacher(str(folders / "sd"))
+    comps, calls = den.components, {"images": 0, "prompts": 0}
+    encode_images, encode_prompts = comps.encode_images, comps.encode_prompts
+
+    def count(kind, fn):
+        def wrapped(x):
+            calls[kind] += 1
+            return fn(x)
+        return wrapped
+
+    monkeypatch.setattr(comps, "encode_images", count("images", encode_images))
+    monkeypatch.setattr(comps, "encode_prompts", count("prompts", encode_prompts))
+    folder = cache / "fewstep" / "diffusers"
+    # a crash between writing and renaming leaves neither a cache file nor a temporary one behind
+    with monkeypatch.context() as m:
+        m.setattr(fio.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError, match="disk full"):
+            prepare_training_folder(den, folders / "images")
+    assert list(folder.iterdir()) == []
+    first = prepare_training_folder(den, folders / "images")
+    encoded = dict(calls)
+    assert encoded["images"] > 0 and encoded["prompts"] > 0
+    assert sorted(p.name.split("_")[0] for p in folder.iterdir()) == ["data", "prompts"]  # no .tmp files
+    again = prepare_training_folder(den, folders / "images")
+    assert calls == encoded  # the second preparation read both caches: nothing encoded again
+    torch.testing.assert_close(again.x, first.x)
+
+
 def test_text_teacher_needs_captions(folders, tmp_path):
     plain = tmp_path / "plain"
     _images(plain)
@@ -376,6 +408,81 @@ def test_cli_distill_from_a_diffusers_folder(folders, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", "--method", "dmd2", "--teacher", str(folders / "sd"), "--data", str(folders / "images"),
                  "--steps", "1", "--out", str(out), "--iterations", "1", "--batch-size", "2"]) == 0
-    assert (out / "student.json").is_file() and "report" not in capsys.readouterr().out  # latent: no pixel report
+    assert (out / "student.json").is_file() and f"report: {out / 'report.html'}" in capsys.readouterr().out
     assert main(["distill", "--teacher", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 2
     assert "diffusers folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. Every run directory has report.html: FID when a feature network is there, else a note naming what is missing
+# ------------------------------------------------------------------------------------------------------------------
+def test_distill_on_a_diffusers_teacher_writes_a_report(folders, tmp_path, monkeypatch):
+    import fewstep.eval.inception as inc
+    from fewstep.eval.inception import WEIGHTS_ENV, WEIGHTS_FILE
+
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(30):  # a held-out split of a few images for FID
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    common = dict(teacher=str(folders / "unet"), data=str(images), method="dmd2", steps=1,
+                  **{**COMMON, "evaluate_n": 4})
+    out = tmp_path / "run"
+    distill(out=out, **common)
+    html = (out / "report.html").read_text()
+    assert "FID: not measured" in html and WEIGHTS_FILE in html and "--inception-weights" in html
+    assert "samples/step_" in html and "curves/" in html  # the grids and the loss curves are there
+    rows = json.loads((out / "eval.json").read_text())
+    assert [r["model"] for r in rows] == ["student", "teacher (ddim)", "teacher (heun)"]
+    assert [r["nfe"] for r in rows] == [1, 1, 63] and all(r["seconds_per_1000"] > 0 for r in rows)
+
+    # with Inception weights (a tiny conv extractor stands in for Inception-v3): Inception FID in the table
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean(dim=(2, 3))
+
+    pytest.importorskip("torchmetrics")
+    weights = tmp_path / WEIGHTS_FILE
+    weights.write_bytes(b"")
+    real_fid = inc.inception_fid
+    monkeypatch.setattr(inc, "inception_fid",
+                        lambda r, f, **kw: real_fid(r, f, **{**kw, "weights_path": None, "feature_extractor": Tiny()}))
+    with pytest.raises(UserError, match="nope.pth"):  # a wrong path fails before training
+        distill(out=tmp_path / "bad", inception_weights=tmp_path / "nope.pth", **common)
+    distill(out=tmp_path / "run2", inception_weights=weights, **common)
+    rows = json.loads((tmp_path / "run2" / "eval.json").read_text())
+    assert all(np.isfinite(r["inception_fid"]) for r in rows)
+    html = (tmp_path / "run2" / "report.html").read_text()
+    assert "inception_fid" in html and "not measured" not in html
+
+
+def test_distill_on_an_image_folder_teacher_writes_a_report(tmp_path, monkeypatch, capsys):
+    """fewstep's own ClassUNet trained on a folder of colour images (no domain classifier for them)."""
+    from PIL import Image
+
+    from fewstep.cli import main
+    from fewstep.eval.inception import WEIGHTS_ENV
+
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", "train", "--data", str(images), "--iterations", "2", "--batch-size", "4",
+                 "--resolution", "8", "--out", str(teacher)]) == 0
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--iterations", "2", "--batch-size", "4", "--out",
+                 str(out)]) == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    html = (out / "report.html").read_text()
+    assert "FID: not measured" in html and "(3, 8, 8)" in html and "--inception-weights" in html
