@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     ts = tsub.add_parser("sample", help="sample a teacher into a PNG grid (or a scatter plot for points)")
-    ts.add_argument("--teacher", required=True, help="embedded name, run directory or saved model")
+    ts.add_argument("--teacher", required=True, help="embedded name, run directory, saved model or diffusers folder")
     ts.add_argument("--steps", type=_positive_int("--steps"), default=32)
     ts.add_argument("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)}")
     ts.add_argument("--n", type=_positive_int("--n"), default=64)
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
     di.add_argument("--seed", type=int, default=None)
     di.add_argument("--guidance-scale", type=float, default=None, help="CFG scale on the real score")
+    di.add_argument("--resolution", type=_positive_int("--resolution"), default=None,
+                    help="diffusers teachers: the image side in pixels to distil at (default: the model's own)")
     di.add_argument("--inception-weights", default=None, metavar="FILE",
                     help="images other than digits: Inception FID in report.html with this weights file "
                          "(pt_inception-2015-12-05-6726825d.pth; default $FEWSTEP_INCEPTION_WEIGHTS)")
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # fewstep eval
     ev = sub.add_parser("eval", help="sample a model and measure it against held-out data")
-    ev.add_argument("--model", required=True, help="embedded teacher, teacher or distillation run directory")
+    ev.add_argument("--model", required=True,
+                    help="embedded teacher, teacher or distillation run directory, or a diffusers folder")
     ev.add_argument("--data", default=None, help="reference data (default: the model's training data)")
     ev.add_argument("--steps", type=_positive_int("--steps"), default=None,
                     help="sampling steps (teachers: default 32; students: their own)")
@@ -260,7 +263,7 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     if out.exists() and any(out.iterdir()) and not a.resume:
         raise UserError(f"{out} already exists; pass --resume to continue it or choose a new --out")
     options = dict(teacher=a.teacher, data=a.data, steps=a.steps, iterations=a.iterations, batch_size=a.batch_size,
-                   seed=a.seed, guidance_scale=a.guidance_scale)
+                   seed=a.seed, guidance_scale=a.guidance_scale, resolution=a.resolution)
     if a.method == "disback":
         _check_choice(a.base or "dmd2", ("dmd2", "add"), "--base")
         options.update(base=a.base, path_dir=a.path_cache)

@@ -95,6 +95,15 @@ class TeacherConfig(BaseModel):
     loop: LoopConfig = Field(default_factory=_default_teacher_loop, description="Training loop options.")
 
 
+#: the ``teacher`` field of every method config
+TEACHER_DESCRIPTION = ("Embedded teacher name, a run directory from `fewstep teacher train`, or a local diffusers "
+                       "folder (a pipeline with model_index.json, or a bare model with config.json and weights).")
+#: the ``resolution`` field of the method configs that have it
+RESOLUTION_DESCRIPTION = ("Diffusers teachers: the image side to distil at, in pixels (None = the model's own "
+                          "sample_size; a multiple of the VAE's and the model's downsampling factors). fewstep's own "
+                          "networks have theirs.")
+
+
 def _default_distill_loop() -> LoopConfig:
     return LoopConfig(iterations=1500, batch_size=64, checkpoint_every=500, log_every=50, sample_every=250)
 
@@ -107,9 +116,10 @@ class DMD2Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["dmd2"] = Field("dmd2", description="The distillation method.")
-    teacher: str = Field("digits", description="Embedded teacher name or a run directory from `fewstep teacher train`.")
+    teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
     data: str | None = Field(None, description="Real data for the GAN head (default: the teacher's training data).")
     steps: int = Field(1, ge=1, le=8, description="Student sampling steps (timesteps: trailing spacing, e.g. 999 749 499 249).")
+    resolution: int | None = Field(None, ge=1, description=RESOLUTION_DESCRIPTION)
     guidance_scale: float = Field(
         1.0, ge=1.0, description="CFG scale on the real score (w = 1: no guidance; uncond + w (cond - uncond)).")
     ttur: int = Field(
@@ -193,6 +203,8 @@ __all__ = [
     "LoopConfig",
     "TeacherConfig",
     "DMD2Config",
+    "TEACHER_DESCRIPTION",
+    "RESOLUTION_DESCRIPTION",
     "load_config",
     "dump_config",
     "validate_config",

@@ -38,6 +38,10 @@ def make_config(
         data = load_config(config, cls).model_dump(mode="json")
     if data.get("method", method) != method:
         raise UserError(f"the config is for method {data['method']!r}, not {method!r}; pass --method {data['method']}")
+    if overrides.get("resolution") is not None and _resolution_field(cls, data, overrides) is None:
+        raise UserError(f"--resolution is not an option of {method} yet (dmd2 and disback on dmd2 have it); set "
+                        "sample_size in the diffusers model's config.json instead, or use fewstep.load_teacher("
+                        "folder, resolution=) in Python")
     loop = dict(data.get("loop") or {})
     for key, value in overrides.items():
         if value is None:
@@ -52,6 +56,37 @@ def make_config(
     if loop:
         data["loop"] = {**cls.model_fields["loop"].default_factory().model_dump(), **loop}
     return validate_config(cls, data, "config")
+
+
+def _resolution_field(cls: Any, data: dict[str, Any], overrides: dict[str, Any]) -> str | None:
+    """Where a method's config keeps ``resolution``: ``"resolution"``, the wrapped method's block (DisBack) or
+    None when it has no such field."""
+    if "resolution" in cls.model_fields:
+        return "resolution"
+    if "base" in cls.model_fields:
+        base = data.get("base") or overrides.get("base") or cls.model_fields["base"].default
+        block = cls.model_fields.get(base)
+        if block is not None and "resolution" in getattr(_config_class(block.annotation), "model_fields", {}):
+            return base
+    return None
+
+
+def _config_class(annotation: Any) -> Any:
+    """``DMD2Config`` out of ``DMD2Config | None``."""
+    import typing
+
+    for arg in (*typing.get_args(annotation), annotation):
+        if isinstance(arg, type) and hasattr(arg, "model_fields"):
+            return arg
+    return None
+
+
+def config_resolution(cfg: Any) -> int | None:
+    """The image side a run distils at (``resolution`` of the config or of its wrapped method's block)."""
+    value = getattr(cfg, "resolution", None)
+    if value is None and hasattr(cfg, "base"):
+        value = getattr(getattr(cfg, str(cfg.base), None), "resolution", None)
+    return value
 
 
 def _sample_writer(student_of: Any, data_name: str | None) -> Any:
@@ -131,7 +166,7 @@ def distill(
         from .eval.inception import resolve_weights_path
 
         inception_weights = resolve_weights_path(inception_weights)
-    teacher_model = load_teacher(cfg.teacher)
+    teacher_model = load_teacher(cfg.teacher, resolution=config_resolution(cfg))
     data_name = cfg.data or model_data(teacher_model)
     if data_name is None:
         raise UserError(f"teacher {cfg.teacher!r} does not record its data; pass --data")

@@ -486,3 +486,31 @@ def test_distill_on_an_image_folder_teacher_writes_a_report(tmp_path, monkeypatc
     assert f"report: {out / 'report.html'}" in capsys.readouterr().out
     html = (out / "report.html").read_text()
     assert "FID: not measured" in html and "(3, 8, 8)" in html and "--inception-weights" in html
+
+
+def test_distill_at_another_resolution(folders, tmp_path, capsys):
+    import yaml
+
+    from fewstep.cli import main
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(folders / "sd"), "--data", str(folders / "images"), "--steps", "1",
+                 "--iterations", "1", "--batch-size", "2", "--resolution", "32", "--out", str(out)]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["resolution"] == 32
+    student = load_model(out)
+    assert student.sample_shape == (4, 16, 16)  # 32 px through the tiny VAE's factor 2
+    assert student.sample(1, seed=0).shape == (1, 4, 16, 16)
+    # DisBack keeps it in its DMD2 block; methods without the option and fewstep's own networks refuse it
+    from fewstep.distillation import config_resolution, make_config
+
+    cfg = make_config("disback", teacher=str(folders / "sd"), resolution=32)
+    assert cfg.dmd2.resolution == 32 and config_resolution(cfg) == 32
+    capsys.readouterr()
+    assert main(["distill", "--method", "add", "--teacher", str(folders / "sd"), "--resolution", "32",
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert "--resolution is not an option of add" in capsys.readouterr().err
+    with pytest.raises(UserError, match="options of diffusers teachers"):
+        distill(teacher="digits", resolution=16, out=tmp_path / "r3", iterations=1, evaluate_n=0, progress=False)
+    with pytest.raises(UserError, match="not a multiple of 4"):
+        distill(teacher=str(folders / "sd"), data=str(folders / "images"), resolution=30, out=tmp_path / "r4",
+                iterations=1, evaluate_n=0, progress=False)
