@@ -5,8 +5,10 @@
 
 Rows: the teacher at its best NFE and at 1, 2 and 4 NFE (DDIM), as in benchmarks/dmd2.py; ADD 1-step and 4-step
 ("full"; the 4-step row is a separate 4-step run so that it reads like DMD2's); the 1-step ablations adversarial only
-(``distill_weight: 0``) and distillation only (``adversarial: false``). Each distillation run uses the shipped config
-for its data (configs/add_<data>.yaml), so the budget is the same for every variant. Writes
+(``distill_weight: 0``) and distillation only (``adversarial: false``); full and adversarial only again with the
+teacher's encoder as the feature network (``*_teacher_features``; on digits the default is the classifier FID
+reads). Each distillation run uses the shipped config for its data (configs/add_<data>.yaml), so the budget is the
+same for every variant. Writes
 benchmarks/results/add.json and prints the README table.
 """
 from __future__ import annotations
@@ -23,6 +25,10 @@ VARIANTS = {  # name: (steps, config overrides)
     "full-4step": (4, {}),
     "adv_only": (1, {"distill_weight": 0.0}),
     "distill_only": (1, {"adversarial": False}),
+    # the digits default feature network is the digits classifier, the network digits FID reads: these two repeat
+    # full / adv_only with the teacher's own encoder as the feature network instead
+    "full_teacher_features": (1, {"feature_network": "teacher"}),
+    "adv_only_teacher_features": (1, {"feature_network": "teacher", "distill_weight": 0.0}),
 }
 
 

@@ -45,21 +45,35 @@ def average(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def write_results(name: str, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
-    """Write ``results/<name>.json``. Rows of data sets this run did not measure are kept from the earlier file
-    (with the earlier run's command recorded under ``meta.earlier``), so per-data runs add up to one result."""
+def write_results(name: str, meta_: dict[str, Any], rows: list[dict[str, Any]], by_data: bool = False) -> Path:
+    """Write ``results/<name>.json``, keeping what this run did not measure from the earlier file (its command is
+    recorded under ``meta.earlier``), so runs per data set or per variant add up to one result.
+
+    A row is identified by its data, method, variant and steps; a re-measured row takes the old one's place. With
+    ``by_data`` (curves: many rows per variant) every old row of a data set this run measured is dropped."""
     import json
 
     path = RESULTS / f"{name}.json"
-    ran = {r["data"] for r in rows}
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (r.get("data"),) if by_data else (r.get("data"), r.get("method"), r.get("variant"), r.get("steps"))
+
     if path.is_file():
         old = json.loads(path.read_text())
-        kept = [r for r in old.get("rows", []) if r.get("data") not in ran]
+        new = {key(r): r for r in rows}
+        kept = [r for r in old.get("rows", []) if key(r) not in new]
         if kept:
             earlier = {k: v for k, v in old.get("meta", {}).items() if k != "earlier"}
             earlier["data"] = sorted({r["data"] for r in kept})
             meta_ = {**meta_, "earlier": [earlier, *old.get("meta", {}).get("earlier", [])]}
-            rows = kept + rows
+            if by_data:
+                rows = kept + rows
+            else:  # old order, re-measured rows in their old place, new ones after their data set's
+                merged = [new.pop(key(r), r) for r in old.get("rows", []) if key(r) in new or r in kept]
+                for r in new.values():
+                    last = max((i for i, m in enumerate(merged) if m["data"] == r["data"]), default=len(merged) - 1)
+                    merged.insert(last + 1, r)
+                rows = merged
     return atomic_write_json(path, {"meta": meta_, "rows": rows})
 
 

@@ -211,7 +211,7 @@ def main() -> None:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     path = write_results("convergence", meta(a.seeds, n=a.n, every=a.every, target=summary,
-                                             recording_iterations=recording), all_rows)
+                                             recording_iterations=recording), all_rows, by_data=True)
     # the plot shows every data set in the results file (earlier runs' too)
     import json
 
