@@ -369,3 +369,27 @@ def test_distill_end_to_end_and_resume(tmp_path, monkeypatch):
     for player in ("generator", "discriminator"):
         sa, sb = final_a[player]["module"], final_b[player]["module"]
         assert all(torch.equal(sa[n], sb[n]) for n in sa), player
+
+
+def test_one_step_stage_renoises_clean_samples_for_the_discriminator():
+    teacher = tiny_mlp_teacher()
+    m = LightningMethod(teacher, LightningConfig(ladder=[2, 1], teacher_steps=2, mse_stages=0,
+                                                 loop={"iterations": 12}))
+    x = torch.randn(400, 2)
+    clean = torch.full((400,), -1.0)
+    # the 2-step stage shows a clean x0 at t_min, as it is
+    out, t = m._disc_inputs(x, clean)
+    assert torch.equal(out, x) and set(t.tolist()) == {0.0}
+    # and any x_{t'} short of clean as it is
+    mid = torch.full((400,), 499.0)
+    out, t = m._disc_inputs(x, mid)
+    assert torch.equal(out, x) and torch.equal(t, mid)
+    # the 1-step stage re-noises clean samples to t* in {10, 250, 500, 750} (x 999/1000, rounded)
+    m.updates(11)
+    assert m.steps_now == 1
+    torch.manual_seed(0)
+    out, t = m._disc_inputs(x, clean)
+    assert set(t.tolist()) == {10.0, 250.0, 500.0, 749.0}
+    a, s = teacher.schedule.alpha_sigma(t)
+    eps = (out - a[:, None] * x) / s[:, None]
+    assert abs(eps.std().item() - 1.0) < 0.1  # out = alpha x + sigma eps with fresh standard noise
