@@ -268,7 +268,7 @@ def _cmd_distill(a: argparse.Namespace) -> None:
         _check_choice(a.base or "dmd2", ("dmd2", "add"), "--base")
         options.update(base=a.base, path_dir=a.path_cache)
     elif a.base is not None or a.path_cache is not None:
-        raise UserError(f"--base and --path-cache are DisBack options; add --method disback or drop them")
+        raise UserError("--base and --path-cache are DisBack options; add --method disback or drop them")
     if a.dry_run:
         import yaml
 
