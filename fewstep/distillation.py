@@ -39,7 +39,7 @@ def make_config(
     if data.get("method", method) != method:
         raise UserError(f"the config is for method {data['method']!r}, not {method!r}; pass --method {data['method']}")
     if overrides.get("resolution") is not None and _resolution_field(cls, data, overrides) is None:
-        raise UserError(f"--resolution is not an option of {method} yet (dmd2 and disback on dmd2 have it); set "
+        raise UserError(f"--resolution is not an option of {method} yet; set "
                         "sample_size in the diffusers model's config.json instead, or use fewstep.load_teacher("
                         "folder, resolution=) in Python")
     loop = dict(data.get("loop") or {})

@@ -500,17 +500,49 @@ def test_distill_at_another_resolution(folders, tmp_path, capsys):
     student = load_model(out)
     assert student.sample_shape == (4, 16, 16)  # 32 px through the tiny VAE's factor 2
     assert student.sample(1, seed=0).shape == (1, 4, 16, 16)
-    # DisBack keeps it in its DMD2 block; methods without the option and fewstep's own networks refuse it
+    # DisBack keeps it in its DMD2 block, ADD has it too; fewstep's own networks refuse it
     from fewstep.distillation import config_resolution, make_config
 
     cfg = make_config("disback", teacher=str(folders / "sd"), resolution=32)
     assert cfg.dmd2.resolution == 32 and config_resolution(cfg) == 32
-    capsys.readouterr()
-    assert main(["distill", "--method", "add", "--teacher", str(folders / "sd"), "--resolution", "32",
-                 "--out", str(tmp_path / "r2")]) == 2
-    assert "--resolution is not an option of add" in capsys.readouterr().err
+    assert make_config("add", teacher=str(folders / "sd"), resolution=32).resolution == 32
     with pytest.raises(UserError, match="options of diffusers teachers"):
         distill(teacher="digits", resolution=16, out=tmp_path / "r3", iterations=1, evaluate_n=0, progress=False)
     with pytest.raises(UserError, match="not a multiple of 4"):
         distill(teacher=str(folders / "sd"), data=str(folders / "images"), resolution=30, out=tmp_path / "r4",
                 iterations=1, evaluate_n=0, progress=False)
+
+
+def test_pixel_feature_networks_read_decoded_latents(folders):
+    """ADD on a latent teacher: 'digits'/'timm' wrap into DecodedFeatures, which decodes with gradient through the
+    teacher's frozen VAE (the adversarial loss must reach the student's latents) and reads images of the VAE's shape."""
+    from fewstep.models.features import DecodedFeatures, FeatureNetwork
+
+    teacher = load_teacher(str(folders / "sd"))
+    comp = teacher.components
+
+    class Inner(FeatureNetwork):  # a tiny pixel feature network: one conv layer and its spatial mean
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+            self.freeze()
+
+        def forward(self, x):
+            h = self.conv(x)
+            return [h], h.mean((2, 3))
+
+    from fewstep.models.hf import image_shape
+
+    inner = Inner()
+    feats = DecodedFeatures(inner, comp, image_shape(teacher))
+    layers, pooled = feats.shapes(teacher.sample_shape)
+    assert layers == [(5, *image_shape(teacher)[1:])] and pooled == 5
+    z = (0.3 * torch.randn(2, *teacher.sample_shape)).requires_grad_(True)
+    out_layers, out_pooled = feats(z)
+    with torch.no_grad():
+        images = comp.decode_with_grad(z)
+        torch.testing.assert_close(images.clamp(-1, 1), comp.decode(z.detach()), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out_pooled, inner(images)[1])
+    out_pooled.square().sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # through the decoder into the latents
+    assert all(p.grad is None for p in comp.vae.parameters())  # the VAE stays frozen

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from ..config import LoopConfig, _default_distill_loop
+from ..config import RESOLUTION_DESCRIPTION, TEACHER_DESCRIPTION, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, _cat_cond, guided
 from ..diffusion.samplers import student_timesteps
 from ..diffusion.schedule import Schedule, bcast
@@ -75,13 +75,14 @@ class ADDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["add"] = Field("add", description="The distillation method.")
-    teacher: str = Field("digits", description="Embedded teacher name or a run directory from `fewstep teacher train`.")
+    teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
     data: str | None = Field(
         None, description="Real data the student is fed (noised) and the discriminator sees (default: the teacher's).")
     steps: int = Field(
         1, ge=1, le=8,
         description="Student sampling steps from pure noise (trailing spacing: 1 = 999; 2 = 999 499; 4 = 999 749 499 "
                     "249). Steps whose times lie in T_student (1, 2 and 4 with student_times 4) are the ones trained.")
+    resolution: int | None = Field(None, ge=1, description=RESOLUTION_DESCRIPTION)
     student_times: int = Field(
         4, ge=1, le=8,
         description="n = |T_student|: training draws s uniformly from the n-step trailing grid (ADD: n = 4, "
@@ -111,7 +112,8 @@ class ADDConfig(BaseModel):
         "auto",
         description="Frozen feature network of the discriminator: 'digits' (the embedded digits classifier: 3 conv "
                     "layers + penultimate), 'teacher' (the teacher's encoder at a fixed small t, any data), 'random' "
-                    "(a fixed random MLP, points only), 'timm' (DINOv2/ViT from timm_model + feature_weights). "
+                    "(a fixed random MLP, points only), 'timm' (DINOv2/ViT from timm_model + feature_weights). On latent "
+                    "teachers 'digits' and 'timm' read the VAE-decoded images (gradient through the frozen decoder). "
                     "'auto': digits for the digits data, random for points, else teacher. (On grid25 the random "
                     "MLP covered 25/25 modes at 1 step where the teacher's encoder, nearly blind off the data, left "
                     "a box of samples and 15/25.)")

@@ -51,7 +51,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 from torch import Tensor
 
-from ..config import DMD2Config, LoopConfig, _default_distill_loop
+from ..config import TEACHER_DESCRIPTION, DMD2Config, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, guided
 from ..diffusion.samplers import sample_student
 from ..errors import UserError
@@ -99,7 +99,7 @@ class DisBackConfig(BaseModel):
     base: Literal["dmd2", "add"] = Field(
         "dmd2", description="The score-distillation method DisBack wraps: 'dmd2' (its real score in the DM loss) or "
                             "'add' (the teacher of ADD's score-distillation term).")
-    teacher: str = Field("digits", description="Embedded teacher name or a run directory from `fewstep teacher train`.")
+    teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
     data: str | None = Field(None, description="Real data (default: the teacher's training data).")
     steps: int = Field(1, ge=1, le=8, description="Student sampling steps (trailing spacing, e.g. 999 749 499 249).")
     dmd2: DMD2Config | None = Field(

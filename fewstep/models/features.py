@@ -17,6 +17,8 @@ generator's adversarial loss backpropagates through it into the student's sample
   2-D points included.
 * :class:`RandomFeatures` -- a fixed, randomly initialised MLP for points (a control; see the ADD config's help).
 * :class:`TimmFeatures` -- DINOv2 / ViT from :mod:`timm` with weights from a local file (nothing is downloaded).
+* :class:`DecodedFeatures` -- for latent teachers (SD, SDXL, ...): the pixel networks (``digits``, ``timm``) read
+  the teacher's VAE decoding of the latents, with gradient through the frozen decoder.
 
 :func:`build_feature_network` picks one by name.
 """
@@ -327,6 +329,34 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+class DecodedFeatures(FeatureNetwork):
+    """A pixel feature network on a latent teacher's samples: latents are decoded by the teacher's frozen VAE (with
+    gradient, so the adversarial loss reaches the student through the decoder, as in ADD on SDXL) and ``inner`` reads
+    the images.
+
+    Args:
+        inner: the feature network on images of ``image_shape``.
+        components: the latent teacher's :class:`~fewstep.models.hf.Components` (its ``vae`` and scaling).
+        image_shape: the decoded image's shape ``(C, H, W)``.
+    """
+
+    kind = "decoded"
+
+    def __init__(self, inner: FeatureNetwork, components: Any, image_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.vae = components.vae.eval().requires_grad_(False)  # the teacher's own VAE module, not a copy
+        self._components = components
+        self.image_shape = tuple(image_shape)
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        return self.inner(self._components.decode_with_grad(x))
+
+    @torch.no_grad()
+    def shapes(self, sample_shape: Sequence[int]) -> tuple[list[tuple[int, ...]], int]:
+        return self.inner.shapes(self.image_shape)
+
+
 def build_feature_network(
     name: str,
     teacher: nn.Module,
@@ -347,6 +377,12 @@ def build_feature_network(
         timm_model, timm_layers, resolution: ``timm``'s model name, number of layers read, input side.
         seed: ``random``'s initialisation seed.
     """
+    if name in ("digits", "timm") and getattr(teacher, "latent", False):  # pixel networks see decoded latents
+        from .hf import image_shape
+
+        inner = build_feature_network(name, _ImageShape(image_shape(teacher)), weights, teacher_t, timm_model,
+                                      timm_layers, resolution, seed)
+        return DecodedFeatures(inner, teacher.components, image_shape(teacher))
     shape = tuple(teacher.sample_shape)
     if name == "digits":
         if shape not in DIGITS_SHAPES:
@@ -366,6 +402,13 @@ def build_feature_network(
                             "use feature_network: teacher")
         return TimmFeatures(timm_model, weights, timm_layers, resolution)
     raise UserError(f"unknown feature network {name!r}; use one of {', '.join(FEATURE_NETWORKS)}")
+
+
+class _ImageShape:
+    """Stands in for a teacher where only its ``sample_shape`` is read (a latent teacher's decoded images)."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.sample_shape = tuple(shape)
 
 
 __all__ = [

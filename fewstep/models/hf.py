@@ -313,6 +313,13 @@ class Components:
             self.vae.to(home)
         return torch.cat(out)
 
+    def decode_with_grad(self, z: Tensor) -> Tensor:
+        """Latents -> images (about ``[-1, 1]``, not clamped) with autograd through the frozen VAE, on ``z``'s device:
+        what a loss on decoded student samples backpropagates through (ADD's pixel feature networks)."""
+        assert self.vae is not None
+        dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(z.to(dtype) / self.scaling_factor + self.shift_factor).sample.float()
+
     def to(self, device: Any) -> "Components":
         if self.vae is not None:
             self.vae.to(device)
