@@ -47,9 +47,6 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000, help="evaluation samples")
     p.add_argument("--iterations", type=int, default=None, help="override the configs' iterations (quick runs)")
     p.add_argument("--keep", default=None, help="keep the run directories in this folder")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the earlier results' rows of these data for variants not run now (their command is "
-                        "recorded under meta.merged)")
     a = p.parse_args()
 
     rows = []
@@ -92,10 +89,7 @@ def main() -> None:
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    info = meta(a.seeds, n=a.n)
-    if a.merge:
-        rows, info = _merge_earlier(rows, info)
-    path = write_results("lightning", info, rows)
+    path = write_results("lightning", meta(a.seeds, n=a.n), rows)  # rows of variants not run now are kept
     for data in a.data:
         sub = [r for r in rows if r["data"] == data]
         cols = (["method", "variant", "steps", "nfe", "fid", "precision", "recall", "class_accuracy", "wall_seconds"]
@@ -103,25 +97,6 @@ def main() -> None:
                 ["method", "variant", "steps", "nfe", "sliced_w", "modes_covered", "high_quality", "wall_seconds"])
         print(f"\n### {data}\n" + markdown_table(sub, cols))
     print(f"\nwrote {path}")
-
-
-def _merge_earlier(rows: list[dict], info: dict) -> tuple[list[dict], dict]:
-    """Earlier rows of the data run now whose (data, method, variant, steps) this run did not measure, first."""
-    import json
-
-    from common import RESULTS
-
-    path = RESULTS / "lightning.json"
-    if not path.is_file():
-        return rows, info
-    old = json.loads(path.read_text())
-    ran = {r["data"] for r in rows}
-    new = {(r["data"], r["method"], r["variant"], r["steps"]) for r in rows}
-    kept = [r for r in old.get("rows", []) if r["data"] in ran and (r["data"], r["method"], r["variant"], r["steps"])
-            not in new]
-    if kept:
-        info = {**info, "merged": old.get("meta", {})}  # the earlier file's meta, with its own history
-    return kept + rows, info
 
 
 def _line(r: dict) -> str:
