@@ -290,16 +290,27 @@ def merged_state(net: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def fold_lora(net: nn.Module) -> None:
+def fold_lora(net: nn.Module, generator: torch.Generator | None = None) -> None:
     """Merge the LoRA into the base weights and restart it at a zero update (the network computes the same
-    function before and after; its structure, hence its state-dict keys, stays the same)."""
+    function before and after; its structure, hence its state-dict keys, stays the same).
+
+    The restarted ``A`` is drawn as PEFT draws it (Kaiming-uniform, ``a = sqrt(5)``; ``B = 0``) but from
+    ``generator`` when one is given: the training loop seeds the global RNG per process, and replicated players
+    must restart identically on every process."""
     for layer in lora_layers(net).values():
         if ADAPTER not in layer.lora_A:
             continue
         if not layer.disable_adapters:
             w = layer.get_base_layer().weight
             w.add_(layer.get_delta_weight(ADAPTER).to(w.dtype))
-        layer.reset_lora_parameters(ADAPTER, True)
+        if generator is None:
+            layer.reset_lora_parameters(ADAPTER, True)
+            continue
+        a = layer.lora_A[ADAPTER].weight
+        fresh = torch.empty(a.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        a.copy_(fresh.to(a.device, a.dtype))
+        nn.init.zeros_(layer.lora_B[ADAPTER].weight)
 
 
 @torch.no_grad()
@@ -602,10 +613,12 @@ class LightningMethod(Method):
         old_stage, old_kind = self.phases[self.phase][:2]
         stage, kind = self.phases[j][:2]
         net = self._gen().denoiser.net
+        # the restarted LoRA is drawn from (seed, phase) alone, the same on every process
+        rng = torch.Generator().manual_seed(self.cfg.loop.seed * 1_000_003 + j)
         if old_kind.startswith("lora") and not kind.startswith("lora"):
-            fold_lora(net)  # merge the LoRA, then the full network trains
+            fold_lora(net, rng)  # merge the LoRA, then the full network trains
         if stage != old_stage:
-            fold_lora(net)
+            fold_lora(net, rng)
             self.finished[self.stage_steps[old_stage]] = {
                 "state": merged_state(net), "prediction_type": self._gen().denoiser.prediction_type}
             if kind != "mse":  # a fresh discriminator for every adversarial stage
