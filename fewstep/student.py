@@ -79,5 +79,13 @@ def save_student(student: Student, prefix: str | Path, **meta: Any) -> Path:
 
 
 def load_student(prefix: str | Path) -> Student:
+    """Load a saved student; one whose JSON says ``meta.sampler == "ode"`` (SDXL-Lightning's students) takes
+    deterministic ODE steps between its timesteps instead of re-noising."""
     den, desc = load_denoiser(prefix)
-    return Student(den, desc["meta"]["timesteps"], info=desc)
+    meta = desc.get("meta", {})
+    cls = Student
+    if meta.get("sampler") == "ode":
+        from .methods.lightning import LightningStudent
+
+        cls = LightningStudent
+    return cls(den, meta["timesteps"], info=desc)

@@ -337,6 +337,9 @@ def test_distill_end_to_end_and_resume(tmp_path, monkeypatch):
         assert any(not torch.equal(saved[n], t_state[n]) for n in saved), f"{k}-step student is the teacher"
         loaded = lightning.load_student(prefix)
         assert isinstance(loaded, LightningStudent) and loaded.steps == k
+        from fewstep.api import load_model  # the path `fewstep sample` / `fewstep eval` take: ODE steps too
+
+        assert isinstance(load_model(prefix.with_suffix(".json")), LightningStudent)
         # its LoRA file on the teacher gives the same network (full-rank export here)
         rebuilt = apply_lora(teacher, whole / "students" / f"lora_steps_{k}")
         t = torch.full((64,), 999.0)

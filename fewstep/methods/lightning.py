@@ -424,13 +424,10 @@ class LightningStudent(Student):
 
 
 def load_student(prefix: str | Path) -> Student:
-    """Load a saved student; one saved by a Lightning run (``meta.sampler == "ode"``) samples with ODE steps."""
-    from ..models import load_denoiser
+    """Load a saved student (:func:`fewstep.student.load_student`, which picks ODE steps for Lightning's)."""
+    from ..student import load_student as _load
 
-    den, desc = load_denoiser(prefix)
-    meta = desc.get("meta", {})
-    cls = LightningStudent if meta.get("sampler") == "ode" else Student
-    return cls(den, meta["timesteps"], info=desc)
+    return _load(prefix)
 
 
 # ----------------------------------------------------------------------------------------------------------------
