@@ -142,7 +142,8 @@ def distill(
         teacher: an embedded teacher name, a ``fewstep teacher train`` run directory or a local diffusers folder
             (default: the config's, else ``digits``; a diffusers teacher needs ``data``: an image folder, with
             captions for text-to-image teachers).
-        method: ``dmd2`` or ``disback`` (which wraps ``dmd2`` or ``add``; see its config's ``base``).
+        method: ``dmd2``, ``add``, ``lightning`` or ``disback`` (which wraps ``dmd2`` or ``add``; see its config's
+            ``base``).
         steps: student sampling steps (1..8).
         out: the run directory (must not exist unless ``resume``).
         config: a YAML file or dict of the method's config (see ``configs/``).
