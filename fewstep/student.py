@@ -66,11 +66,15 @@ class Student(nn.Module):
         was_training = self.generator.training
         self.generator.eval()  # the student as saved: no dropout, whatever mode training left it in
         try:
-            x = sample_student(self.generator, z.to(device), self.timesteps.to(device),
-                               None if labels is None else labels.to(device), generator=gen)
+            x = self._sample(z.to(device), None if labels is None else labels.to(device), gen)
         finally:
             self.generator.train(was_training)
         return x.cpu()
+
+
+    def _sample(self, z: Tensor, cond: Tensor | None, gen: torch.Generator) -> Tensor:
+        """The k-step sampler from pure noise ``z`` (re-noising with draws from ``gen`` between steps)."""
+        return sample_student(self.generator, z, self.timesteps.to(z.device), cond, generator=gen)
 
 
 def save_student(student: Student, prefix: str | Path, **meta: Any) -> Path:

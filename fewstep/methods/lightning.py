@@ -401,26 +401,9 @@ class LightningStudent(Student):
 
     sampler = "ode"
 
-    @torch.no_grad()
-    def sample(self, n: int, labels: Tensor | list[int] | None = None, seed: int = 0, z: Tensor | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        device = next(self.generator.parameters()).device
-        gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-        if z is None:
-            z = torch.randn((n, *self.sample_shape), generator=gen)
-        if labels is None and self.num_classes > 0:
-            labels = torch.arange(n) % self.num_classes
-        elif labels is not None:
-            labels = torch.as_tensor(labels, dtype=torch.long)
-        ts = torch.cat([self.timesteps.cpu(), torch.tensor([self.schedule.t_clean])]).to(device)
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
-            x = initial_noise(self.schedule, z.to(device), ts[0])
-            x = sample_ddim(self.generator, x, ts, None if labels is None else labels.to(device))
-        finally:
-            self.generator.train(was_training)
-        return x.cpu()
+    def _sample(self, z: Tensor, cond: Tensor | None, gen: torch.Generator) -> Tensor:
+        ts = torch.cat([self.timesteps.cpu(), torch.tensor([self.schedule.t_clean])]).to(z.device)
+        return sample_ddim(self.generator, initial_noise(self.schedule, z, ts[0]), ts, cond)
 
 
 def load_student(prefix: str | Path) -> Student:
