@@ -115,6 +115,20 @@ def print_tables(rows: list[dict[str, Any]], datas: Iterable[str]) -> None:
         print(f"\n### {data}\n" + markdown_table(sub, method_columns(sub)))
 
 
+def teacher_rows(data: str, seeds: Iterable[int], n: int, line: Any = None) -> list[dict[str, Any]]:
+    """The embedded teacher of ``data`` at ``TEACHER_SETTINGS`` (sampler, steps), averaged over ``seeds``; each row
+    printed as it is measured (with ``line``, default :func:`row_line`)."""
+    from fewstep.api import evaluate, load_teacher
+
+    teacher, rows = load_teacher(data), []
+    for sampler, steps in TEACHER_SETTINGS:
+        rows.append(average([{"data": data, "method": "teacher", "variant": sampler, "steps": steps,
+                              **evaluate(teacher, n=n, steps=steps, sampler=sampler, seed=s),
+                              "iterations": None, "wall_seconds": None} for s in seeds]))
+        print((line or row_line)(rows[-1]), flush=True)
+    return rows
+
+
 def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]], doc: str) -> None:
     """The command line of a method's benchmark: the teacher at ``TEACHER_SETTINGS``, then every variant
     (``name: (steps, config overrides)``; a name ending in ``-<k>step`` is reported as the variant before it)
@@ -125,7 +139,7 @@ def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]
     import tempfile
     import time
 
-    from fewstep.api import evaluate, load_teacher
+    from fewstep.api import evaluate
     from fewstep.distillation import distill
 
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -140,13 +154,7 @@ def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]
     work = Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
     try:
         for data in a.data:
-            teacher = load_teacher(data)
-            for sampler, steps in TEACHER_SETTINGS:
-                per_seed = [{"data": data, "method": "teacher", "variant": sampler, "steps": steps,
-                             **evaluate(teacher, n=a.n, steps=steps, sampler=sampler, seed=s),
-                             "iterations": None, "wall_seconds": None} for s in a.seeds]
-                rows.append(average(per_seed))
-                print(row_line(rows[-1]), flush=True)
+            rows.extend(teacher_rows(data, a.seeds, a.n))
             config = ROOT / "configs" / f"{method}_{data}.yaml"
             for variant in a.variants:
                 steps, overrides = variants[variant]

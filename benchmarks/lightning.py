@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import average, markdown_table, meta, write_results  # noqa: E402
+from common import average, markdown_table, meta, teacher_rows, write_results  # noqa: E402
 
 from fewstep.api import evaluate, load_teacher  # noqa: E402
 from fewstep.distillation import distill  # noqa: E402
@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"full": {}, "conditional": {"objective": "conditional"}, "mse_only": {"objective": "mse_only"},
             # the paper's stabilisers (the shipped configs scale them down; see configs/lightning_digits.yaml)
             "paper_stabilisers": {"multi_timestep_max_steps": 2, "renoise_fractions": [0.01, 0.25, 0.5, 0.75]}}
-TEACHER_SETTINGS = [("ddim", 1), ("ddim", 2), ("ddim", 4), ("heun", 32)]
 STEPS = (8, 4, 2, 1)
 
 
@@ -55,12 +54,7 @@ def main() -> None:
     try:
         for data in a.data:
             teacher = load_teacher(data)
-            for sampler, steps in TEACHER_SETTINGS:
-                per_seed = [{"data": data, "method": "teacher", "variant": sampler, "steps": steps,
-                             **evaluate(teacher, n=a.n, steps=steps, sampler=sampler, seed=s),
-                             "iterations": None, "wall_seconds": None} for s in a.seeds]
-                rows.append(average(per_seed))
-                print(_line(rows[-1]), flush=True)
+            rows.extend(teacher_rows(data, a.seeds, a.n, _line))
             config = ROOT / "configs" / f"lightning_{data}.yaml"
             for variant in a.variants:
                 per_seed: dict[str, list[dict]] = {}
