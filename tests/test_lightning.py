@@ -414,3 +414,14 @@ def test_the_restarted_lora_does_not_depend_on_the_global_rng():
     a, b = states
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(".lora_A." in k and a[k].abs().max() > 0 for k in a)
+
+
+def test_fsdp_is_refused_up_front():
+    from fewstep.errors import UserError
+    from fewstep.methods.dmd2 import DMD2Method
+    from fewstep.methods import lightning
+    from fewstep.train.loop import check_fsdp_support
+
+    with pytest.raises(UserError, match="cannot train sharded.*DDP"):
+        check_fsdp_support(lightning.LightningMethod.__new__(lightning.LightningMethod))
+    check_fsdp_support(DMD2Method.__new__(DMD2Method))  # the others shard

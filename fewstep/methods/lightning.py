@@ -478,6 +478,9 @@ class LightningMethod(Method):
         cfg: the Lightning config.
     """
 
+    #: its phase switches load whole state dicts into the players: the loop refuses FSDP up front
+    supports_fsdp = False
+
     def __init__(self, teacher: Denoiser, cfg: LightningConfig) -> None:
         self.cfg = cfg
         self.teacher = teacher.eval().requires_grad_(False)

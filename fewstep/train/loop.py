@@ -232,6 +232,13 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
     return accelerator
 
 
+def check_fsdp_support(method: Any) -> None:
+    """A one-line error for a method that cannot train sharded (``supports_fsdp = False``), before any training."""
+    if not getattr(method, "supports_fsdp", True):
+        raise UserError(f"{type(method).__name__} cannot train sharded (it loads whole state dicts into its players "
+                        "between phases); train it with DDP (configs/accelerate_ddp.yaml, loop.fsdp: false)")
+
+
 def _is_fsdp(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
@@ -365,6 +372,7 @@ def train(
         raise UserError("fp16 mixed precision is not supported with FSDP (its loss scaler needs Accelerate's own "
                         "wrapping); set loop.mixed_precision to bf16")
     if fsdp:
+        check_fsdp_support(method)
         with_ema = [name for name, p in method.players.items() if p.ema_decay is not None]
         if with_ema:
             raise UserError(f"an EMA of player(s) {with_ema} is not supported under FSDP (it would need the full "
