@@ -500,12 +500,13 @@ def test_distill_at_another_resolution(folders, tmp_path, capsys):
     student = load_model(out)
     assert student.sample_shape == (4, 16, 16)  # 32 px through the tiny VAE's factor 2
     assert student.sample(1, seed=0).shape == (1, 4, 16, 16)
-    # DisBack keeps it in its DMD2 block, ADD has it too; fewstep's own networks refuse it
+    # DisBack keeps it in its DMD2 block, ADD and Lightning have it too; fewstep's own networks refuse it
     from fewstep.distillation import config_resolution, make_config
 
     cfg = make_config("disback", teacher=str(folders / "sd"), resolution=32)
     assert cfg.dmd2.resolution == 32 and config_resolution(cfg) == 32
-    assert make_config("add", teacher=str(folders / "sd"), resolution=32).resolution == 32
+    for method in ("add", "lightning"):
+        assert make_config(method, teacher=str(folders / "sd"), resolution=32).resolution == 32
     with pytest.raises(UserError, match="options of diffusers teachers"):
         distill(teacher="digits", resolution=16, out=tmp_path / "r3", iterations=1, evaluate_n=0, progress=False)
     with pytest.raises(UserError, match="not a multiple of 4"):

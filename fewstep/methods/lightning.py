@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from ..config import LoopConfig, _default_distill_loop
+from ..config import RESOLUTION_DESCRIPTION, TEACHER_DESCRIPTION, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, guided
 from ..diffusion.samplers import initial_noise, sample_ddim, sample_heun, student_timesteps
 from ..diffusion.schedule import Schedule, bcast
@@ -114,8 +114,9 @@ class LightningConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["lightning"] = Field("lightning", description="The distillation method.")
-    teacher: str = Field("digits", description="Embedded teacher name or a run directory from `fewstep teacher train`.")
+    teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
     data: str | None = Field(None, description="Data noised into the students' inputs x_t (default: the teacher's).")
+    resolution: int | None = Field(None, ge=1, description=RESOLUTION_DESCRIPTION)
     steps: int = Field(
         1, ge=1, le=8,
         description="Steps of the final student (one of `ladder`; the ladder stops there). Every stage's student down "
