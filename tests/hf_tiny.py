@@ -187,3 +187,17 @@ def flux_pipeline(folder: Path, seed: int = 0):
                         tokenizer_2=t5tok)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def captioned_images(folder: Path, n: int = 8, size: int = 16, caption: str = "a photo of thing {i}",
+                     prefix: str = "img") -> Path:
+    """``n`` random RGB images ``<prefix><i>.png`` with their captions ``<prefix><i>.txt`` (seeded), in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{prefix}{i}.png")
+        (folder / f"{prefix}{i}.txt").write_text(caption.format(i=i))
+    return folder

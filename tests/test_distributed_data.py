@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import hf_tiny
@@ -42,15 +41,8 @@ json.dump(record, open(f"{sys.argv[1]}/rank{state.process_index}.json", "w"))
 
 
 def test_main_process_prepares_the_cache_and_prints_once(tmp_path: Path) -> None:
-    from PIL import Image
-
     hf_tiny.sd_pipeline(tmp_path / "sd")
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a photo of thing {i}")
+    images = hf_tiny.captioned_images(tmp_path / "images", 8, prefix="")
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     cache = tmp_path / "cache"

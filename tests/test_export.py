@@ -28,8 +28,6 @@ ATOL = 1e-4
 def runs(tmp_path_factory):
     """Two-iteration DMD2 students of a pixel UNet (2 steps), an SD-like text-to-image pipeline (2 steps, full
     weights and LoRA), SD3 and SDXL (2 steps), DiT (1 step), and a Lightning student of the UNet (2 ODE steps), distilled once."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("export")
     mp = pytest.MonkeyPatch()
     mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
@@ -38,12 +36,7 @@ def runs(tmp_path_factory):
     hf_tiny.sd3_pipeline(root / "sd3")
     hf_tiny.sdxl_pipeline(root / "sdxl")
     hf_tiny.dit_pipeline(root / "dit")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a picture of {i}")
+    images = hf_tiny.captioned_images(root / "images", 6, caption="a picture of {i}", prefix="")
     common = dict(data=str(images), method="dmd2", iterations=2, batch_size=2, sample_every=0, checkpoint_every=100,
                   progress=False, evaluate_n=0)
     for name, steps in (("unet", 2), ("sd", 2), ("sd3", 2), ("sdxl", 2), ("dit", 1)):

@@ -23,20 +23,13 @@ pytestmark = pytest.mark.filterwarnings("ignore")  # diffusers/transformers depr
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """Pipelines (pixel UNet, SD-like text-to-image, DiT, SD3, SDXL-like) and a captioned image folder, built once."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("hf")
     hf_tiny.unet2d(folder=root / "unet")
     hf_tiny.sd_pipeline(root / "sd")
     hf_tiny.dit_pipeline(root / "dit")
     hf_tiny.sd3_pipeline(root / "sd3")
     hf_tiny.sdxl_pipeline(root / "sdxl")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
-        (images / f"img{i}.txt").write_text(f"a photo of thing {i}")
+    hf_tiny.captioned_images(root / "images", 8)
     return root
 
 

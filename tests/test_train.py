@@ -1,7 +1,6 @@
 """The training loop, the EMA, configs, and teacher training (tiny networks; the whole file runs in seconds)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -24,7 +23,6 @@ from fewstep.train import EMA, list_checkpoints, load_checkpoint, read_metrics, 
 
 class Mixture:
     """Stand-in for a fewstep.data Dataset: four labelled Gaussian blobs in 2-D."""
-
     kind = "points"
     sample_shape = (2,)
     num_classes = 4
@@ -274,7 +272,6 @@ def test_config_errors_are_one_line(tmp_path: Path, text: str, message: str) -> 
 # ------------------------------------------------------------------------------------------------------------------
 class Regression(Method):
     """Fit a linear map; the loss is NaN at the iterations in ``nan_at`` (or always)."""
-
     def __init__(self, nan_at: set[int] | None = None) -> None:
         net = nn.Linear(2, 2)
         self.players = {"net": Player(net, torch.optim.SGD(net.parameters(), lr=0.1), grad_clip=1.0)}
@@ -472,19 +469,10 @@ def test_gradient_checkpointing_option_changes_memory_not_results(tmp_path: Path
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    import numpy as np
-    from PIL import Image
-
     hf_tiny = pytest.importorskip("hf_tiny")
     root = tmp_path_factory.mktemp("recipes")
     hf_tiny.sdxl_pipeline(root / "sdxl")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
-        (images / f"img{i}.txt").write_text(f"a photo of thing {i}")
-    return root / "sdxl", images
+    return root / "sdxl", hf_tiny.captioned_images(root / "images", 6)
 
 
 @pytest.mark.parametrize("method", ["dmd2", "add", "lightning", "disback"])

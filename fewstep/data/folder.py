@@ -120,8 +120,6 @@ def load_image_folder(
         resolution: side of the square images (default 32).
         channels: 1 (grayscale) or 3 (RGB); default 1 when every image is grayscale, else 3.
     """
-    from PIL import Image
-
     folder = Path(folder)
     resolution = DEFAULT_RESOLUTION if resolution is None else int(resolution)
     files, labels, class_names = list_images(folder)
@@ -135,6 +133,17 @@ def load_image_folder(
     if channels is None:
         channels = 1 if gray else 3
     idx = fixed_split_indices(len(files), split)
+    xt = _read_images(files, idx, resolution, channels)
+    y = None if labels is None else torch.tensor([labels[j] for j in idx], dtype=torch.int64)
+    captions = read_captions(folder, files) if labels is None else None
+    return FolderImages(xt, y, class_names, None if captions is None else [captions[j] for j in idx])
+
+
+def _read_images(files: list[Path], idx: "np.ndarray | list[int]", resolution: int, channels: int) -> torch.Tensor:
+    """``files[j]`` for ``j`` in ``idx`` as ``(n, channels, resolution, resolution)`` in ``[-1, 1]``; an undecodable
+    file is a one-line error naming it."""
+    from PIL import Image
+
     x = np.empty((len(idx), resolution, resolution, channels), dtype=np.uint8)
     for i, j in enumerate(idx):
         try:
@@ -142,33 +151,20 @@ def load_image_folder(
                 x[i] = _to_array(im, resolution, channels).reshape(resolution, resolution, channels)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise _corrupt(files[j], e) from None
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
-    y = None if labels is None else torch.tensor([labels[j] for j in idx], dtype=torch.int64)
-    captions = read_captions(folder, files) if labels is None else None
-    return FolderImages(xt, y, class_names, None if captions is None else [captions[j] for j in idx])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
 def iter_image_folder(folder: str | Path, split: str, resolution: int, channels: int, chunk: int = 64):
     """The fixed ``split`` of an image folder in chunks of ``chunk`` images, never all of it in memory: yields
     ``(x, labels)`` with ``x`` ``(n, channels, resolution, resolution)`` in ``[-1, 1]`` and labels ``(n,)`` or None.
     The order is :func:`load_image_folder`'s."""
-    from PIL import Image
-
     files, labels, _ = list_images(folder)
     if len(files) < 2:
         raise UserError(f"{folder}: holds only {len(files)} image; add images (the test split needs at least one)")
     idx = fixed_split_indices(len(files), split)
     for start in range(0, len(idx), chunk):
         part = idx[start : start + chunk]
-        x = np.empty((len(part), resolution, resolution, channels), dtype=np.uint8)
-        for i, j in enumerate(part):
-            try:
-                with _open(files[j]) as im:
-                    x[i] = _to_array(im, resolution, channels).reshape(resolution, resolution, channels)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                raise _corrupt(files[j], e) from None
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
-        yield xt, None if labels is None else torch.tensor([labels[j] for j in part], dtype=torch.int64)
+        yield _read_images(files, part, resolution, channels), None if labels is None else torch.tensor([labels[j] for j in part], dtype=torch.int64)
 
 
 def folder_split_files(folder: str | Path, split: str) -> tuple[list[Path], list[str] | None]:
