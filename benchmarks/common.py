@@ -74,6 +74,8 @@ def write_results(name: str, meta_: dict[str, Any], rows: list[dict[str, Any]], 
                     last = max((i for i, m in enumerate(merged) if m["data"] == r["data"]), default=len(merged) - 1)
                     merged.insert(last + 1, r)
                 rows = merged
+    datas = list(dict.fromkeys(r["data"] for r in rows))  # per data set: the teacher's rows first, order kept
+    rows = sorted(rows, key=lambda r: (datas.index(r["data"]), r.get("method") != "teacher"))
     return atomic_write_json(path, {"meta": meta_, "rows": rows})
 
 
