@@ -40,12 +40,9 @@ def default_clip_path() -> Path:
 def resolve_clip_path(clip_model: str | os.PathLike | None = None) -> Path:
     """The CLIP folder: the argument, else ``$FEWSTEP_CLIP_MODEL``, else the cache path; a one-line ``UserError``
     naming what to put where when it is not a transformers CLIP folder."""
-    if clip_model is not None:
-        path, origin = Path(clip_model).expanduser(), "the clip_model argument"
-    elif os.environ.get(CLIP_ENV):
-        path, origin = Path(os.environ[CLIP_ENV]).expanduser(), f"${CLIP_ENV}"
-    else:
-        path, origin = default_clip_path(), "the default location"
+    from .inception import locate
+
+    path, origin = locate(clip_model, "clip_model", CLIP_ENV, default_clip_path())
     if not (path / "config.json").is_file():
         raise UserError(
             f"CLIP weights not found at {path} ({origin}); put a transformers CLIP model folder there (config.json, "

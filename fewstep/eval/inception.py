@@ -30,17 +30,22 @@ def default_weights_path() -> Path:
     return Path.home() / ".cache" / "fewstep" / WEIGHTS_FILE
 
 
+def locate(value: str | os.PathLike | None, argument: str, env: str, default: Path) -> tuple[Path, str]:
+    """Where a local weights file or folder is looked for, and where that came from (for the error message):
+    ``value`` (the argument named ``argument``), else ``$env``, else ``default``."""
+    if value is not None:
+        return Path(value).expanduser(), f"the {argument} argument"
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser(), f"${env}"
+    return default, "the default location"
+
+
 def resolve_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
     """The Inception weights file: the argument, else ``$FEWSTEP_INCEPTION_WEIGHTS``, else the cache path.
 
     Raises ``UserError`` naming the file to provide when it does not exist.
     """
-    if weights_path is not None:
-        path, origin = Path(weights_path).expanduser(), "the weights_path argument"
-    elif os.environ.get(WEIGHTS_ENV):
-        path, origin = Path(os.environ[WEIGHTS_ENV]).expanduser(), f"${WEIGHTS_ENV}"
-    else:
-        path, origin = default_weights_path(), "the default location"
+    path, origin = locate(weights_path, "weights_path", WEIGHTS_ENV, default_weights_path())
     if not path.is_file():
         raise UserError(
             f"Inception weights not found at {path} ({origin}); download {WEIGHTS_FILE} (the pytorch-fid / "
