@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .models.lora import low_rank
 
 FORMATS = ("diffusers", "lora")
 #: LCM's boundary-condition time scale; this large, c_skip = 0 and c_out = 1 to float precision for t >= 1
@@ -161,14 +162,8 @@ def lora_from_difference(student: nn.Module, teacher: nn.Module, rank: int, atol
         covered.add(f"{name}.weight")
         if float(delta.abs().max()) <= atol:
             continue
-        flat = delta.reshape(delta.shape[0], -1)
-        u, sv, vh = torch.linalg.svd(flat, full_matrices=False)
-        r = min(rank, len(sv))
-        b, a = (u[:, :r] * sv[:r]), vh[:r]
-        left += float((flat - b @ a).pow(2).sum())
-        if isinstance(m, nn.Conv2d):
-            a = a.reshape(r, *delta.shape[1:])
-            b = b.reshape(delta.shape[0], r, 1, 1)
+        a, b, dropped = low_rank(delta, rank)
+        left += dropped
         state[f"{name}.lora_A.weight"] = a.float().contiguous()
         state[f"{name}.lora_B.weight"] = b.float().contiguous()
     t_params = dict(teacher.named_parameters())

@@ -90,12 +90,12 @@ from ..diffusion.schedule import Schedule, bcast
 from ..errors import UserError
 from ..io import atomic_write, atomic_write_json
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
+from ..models.lora import ADAPTER, low_rank, lora_targets
 from ..student import Student
 from .base import Batch, Method, Player, batch_cond
-from .dmd2 import _unwrap
+from .dmd2 import Generator, _unwrap
 
 PHASES = ("mse", "lora_cond", "lora_uncond", "full_cond", "full_uncond")
-ADAPTER = "default"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,11 +238,6 @@ def span_grid(t: float, t_next: float, n: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA (PEFT) on a denoiser's network
 # ----------------------------------------------------------------------------------------------------------------
-def lora_targets(net: nn.Module) -> list[str]:
-    """Every Linear and Conv2d of ``net`` by full name (the layers a LoRA adapts)."""
-    return [name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
 def _lora_config(targets: list[str], rank: int) -> Any:
     from peft import LoraConfig
 
@@ -332,17 +327,9 @@ def extract_lora(student: nn.Module, teacher: nn.Module, rank: int) -> tuple[dic
         mod = modules.get(name)
         if leaf == "weight" and isinstance(mod, (nn.Linear, nn.Conv2d)):
             targets.append(name)
-            mat = diff.reshape(diff.shape[0], -1)
-            u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-            r = min(rank, s.numel())
-            b = u[:, :r] * s[:r]
-            a = vh[:r]
-            approx = b @ a
-            err2 += float((mat - approx).pow(2).sum())
-            tot2 += float(mat.pow(2).sum())
-            if isinstance(mod, nn.Conv2d):
-                a = a.reshape(r, *diff.shape[1:])
-                b = b.reshape(diff.shape[0], r, 1, 1)
+            a, b, left = low_rank(diff, rank)
+            err2 += left
+            tot2 += float(diff.pow(2).sum())
             lora[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
             lora[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
         elif torch.is_floating_point(diff) and diff.abs().max() > 0:
@@ -417,17 +404,6 @@ def load_student(prefix: str | Path) -> Student:
 # ----------------------------------------------------------------------------------------------------------------
 # Players
 # ----------------------------------------------------------------------------------------------------------------
-class LightningGenerator(nn.Module):
-    """The student denoiser (its network carries the LoRA adapters); ``forward(x_t, t, cond) -> x0_hat``."""
-
-    def __init__(self, denoiser: Denoiser) -> None:
-        super().__init__()
-        self.denoiser = denoiser
-
-    def forward(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        return self.denoiser(x_t, t, cond)
-
-
 class LightningDiscriminator(nn.Module):
     """``d`` = a trainable copy of the teacher (only its encoder + mid block are used, through ``features``), with a
     conditional head on ``[d(x_{t'}, t'), d(x_t, t)]`` and an unconditional head on ``d(x_{t'}, t')`` (SDXL-Lightning
@@ -496,7 +472,7 @@ class LightningMethod(Method):
         add_lora(student.net, cfg.lora_rank)
         disc = LightningDiscriminator(teacher, cfg.head_width)
         self._disc_init = {k: v.detach().clone() for k, v in disc.state_dict().items()}
-        g_mod = LightningGenerator(student)
+        g_mod = Generator(student)  # the student denoiser; its network carries the LoRA adapters
 
         def player(module: nn.Module, groups: list[dict[str, Any]]) -> Player:
             opt = torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
@@ -552,7 +528,7 @@ class LightningMethod(Method):
         return self.stage_steps[self.stage]
 
     # --- modules ------------------------------------------------------------------------------------------------
-    def _gen(self) -> LightningGenerator:
+    def _gen(self) -> Generator:
         return _unwrap(self.players["generator"].module)  # type: ignore[return-value]
 
     def _disc(self) -> LightningDiscriminator:

@@ -64,6 +64,20 @@ def apply_lora(
     return module
 
 
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A Linear/Conv2d weight change ``delta`` as LoRA factors by truncated SVD: ``(A, B, left)`` with ``B @ A`` the
+    best rank-``rank`` approximation (scale 1; PEFT's shapes: a conv's ``A`` is ``(r, in, kh, kw)`` and ``B``
+    ``(out, r, 1, 1)``) and ``left`` the squared Frobenius norm of what it leaves out. Computed in ``delta``'s dtype."""
+    flat = delta.reshape(delta.shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    r = min(rank, s.numel())
+    b, a = u[:, :r] * s[:r], vh[:r]
+    left = float((flat - b @ a).pow(2).sum())
+    if delta.dim() == 4:
+        a, b = a.reshape(r, *delta.shape[1:]), b.reshape(delta.shape[0], r, 1, 1)
+    return a, b, left
+
+
 def has_lora(module: nn.Module) -> bool:
     return any(".lora_A." in name for name, _ in module.named_parameters())
 
