@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from fewstep.data.digits import digits_arrays
 from fewstep.errors import UserError
@@ -23,6 +22,7 @@ from fewstep.eval.inception import WEIGHTS_ENV, WEIGHTS_FILE, inception_fid
 from fewstep.eval.metrics import (feature_stats, frechet_distance, mode_metrics, precision_recall,
                                   sliced_wasserstein)
 from fewstep.eval.report import format_value, write_report
+from tiny import TinyExtractor
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -188,18 +188,6 @@ def test_train_is_reproducible_and_save_load_roundtrip(tmp_path):
 # ------------------------------------------------------------------------------------------------- inception
 
 
-class _TinyExtractor(nn.Module):
-    """uint8 RGB (B, 3, H, W) -> (B, 6) features: a fixed random conv + global average pool."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.conv(x.float() / 127.5 - 1)).mean(dim=(2, 3))
-
-
 def test_inception_fid_missing_weights_names_the_file(tmp_path, monkeypatch):
     x = torch.zeros(4, 1, 8, 8)
     with pytest.raises(UserError, match=WEIGHTS_FILE) as e:
@@ -218,7 +206,7 @@ def test_inception_fid_with_tiny_extractor_matches_our_fid():
     pytest.importorskip("torchmetrics")
     g = torch.Generator().manual_seed(0)
     real = torch.rand(200, 1, 12, 12, generator=g) * 2 - 1
-    net = _TinyExtractor()
+    net = TinyExtractor()
     same = inception_fid(real, real.clone(), feature_extractor=net, batch_size=64)
     assert abs(same) < 1e-4
     fake = (torch.rand(200, 1, 12, 12, generator=g) * 2 - 1) * 0.5 + 0.3

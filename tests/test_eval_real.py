@@ -13,18 +13,7 @@ from torch import nn
 from fewstep.errors import UserError
 from fewstep.eval.clip import CLIP_ENV, CLIP_HUB_ID, clip_score, load_clip
 from fewstep.eval.inception import center_crop, inception_fid, patch_fid
-
-
-class _TinyExtractor(nn.Module):
-    """uint8 RGB (B, 3, H, W) -> (B, 6): a fixed random conv, squared (local energy: sees detail), average-pooled."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.conv(x.float() / 127.5 - 1)).pow(2).mean(dim=(2, 3))
+from tiny import TinyExtractor
 
 
 # ------------------------------------------------------------------------------------------------------ patch FID
@@ -40,7 +29,7 @@ def test_center_crop_takes_the_middle_at_full_resolution() -> None:
 def test_patch_fid_is_inception_fid_on_centre_crops_and_sees_detail() -> None:
     pytest.importorskip("torchmetrics")
     g = torch.Generator().manual_seed(0)
-    net = _TinyExtractor()
+    net = TinyExtractor(square=True)
     # smooth images (8x8 noise upsampled to 32x32) vs the same plus fine-grained detail
     real = F.interpolate(torch.rand(120, 1, 8, 8, generator=g) * 2 - 1, size=32, mode="bilinear")
     detail = (real + 0.5 * (torch.rand(120, 1, 32, 32, generator=g) * 2 - 1)).clamp(-1, 1)
@@ -173,7 +162,7 @@ def test_evaluate_adds_patch_fid_and_clip_score(sd_and_images, tiny_clip: Path, 
     teacher = load_teacher(sd)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\nthe sea\n")
-    net = _TinyExtractor()
+    net = TinyExtractor(square=True)
     out = evaluate(teacher, data=str(images), n=4, steps=2, sampler="ddim", inception=True, patch_fid=True,
                    patch_size=8, clip_model=tiny_clip, prompts=prompts, feature_extractor=net)
     assert out["fid"] is None and out["nfe"] == 2
@@ -224,7 +213,7 @@ def test_cli_eval_patch_fid_and_clip(sd_and_images, tiny_clip: Path, tmp_path: P
     monkeypatch.setenv(inc.WEIGHTS_ENV, str(weights))
     real_fid = inc.inception_fid
     monkeypatch.setattr(inc, "inception_fid", lambda r, f, **kw: real_fid(r, f, **{**kw, "weights_path": None,
-                                                                              "feature_extractor": _TinyExtractor()}))
+                                                                              "feature_extractor": TinyExtractor(square=True)}))
     assert main([*base, "--patch-fid", "--patch-size", "8", "--clip",
                  str(tiny_clip), "--prompts", str(prompts), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -42,3 +42,18 @@ def image_batch(n: int = 8, seed: int = 0) -> Batch:
 
 def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class TinyExtractor(torch.nn.Module):
+    """A stand-in for Inception: uint8 RGB ``(B, 3, H, W)`` -> ``(B, 6)`` features, a fixed random conv, tanh, then
+    the spatial mean (``square``: of its square, the local energy, which sees detail)."""
+
+    def __init__(self, square: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.square = square
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x.float() / 127.5 - 1))
+        return (h.pow(2) if self.square else h).mean(dim=(2, 3))
