@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fewstep.errors import UserError
 from fewstep.eval.clip import CLIP_ENV, CLIP_HUB_ID, clip_score, load_clip
