@@ -131,18 +131,9 @@ def teacher_rows(data: str, seeds: Iterable[int], n: int, line: Any = None) -> l
     return rows
 
 
-def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]], doc: str) -> None:
-    """The command line of a method's benchmark: the teacher at ``TEACHER_SETTINGS``, then every variant
-    (``name: (steps, config overrides)``; a name ending in ``-<k>step`` is reported as the variant before it)
-    distilled with the shipped config ``configs/<method>_<data>.yaml`` and evaluated; writes
-    ``results/<method>.json`` and prints the README tables."""
+def benchmark_parser(doc: str, variants: Iterable[str]) -> Any:
+    """The options every method benchmark takes: data sets, seeds, variants, evaluation samples, iterations."""
     import argparse
-    import shutil
-    import tempfile
-    import time
-
-    from fewstep.api import evaluate
-    from fewstep.distillation import distill
 
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--data", nargs="+", default=["digits", "grid25"])
@@ -150,7 +141,22 @@ def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]
     p.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
     p.add_argument("--n", type=int, default=2000, help="evaluation samples")
     p.add_argument("--iterations", type=int, default=None, help="override the configs' iterations (quick runs)")
-    a = p.parse_args()
+    return p
+
+
+def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]], doc: str) -> None:
+    """The command line of a method's benchmark: the teacher at ``TEACHER_SETTINGS``, then every variant
+    (``name: (steps, config overrides)``; a name ending in ``-<k>step`` is reported as the variant before it)
+    distilled with the shipped config ``configs/<method>_<data>.yaml`` and evaluated; writes
+    ``results/<method>.json`` and prints the README tables."""
+    import shutil
+    import tempfile
+    import time
+
+    from fewstep.api import evaluate
+    from fewstep.distillation import distill
+
+    a = benchmark_parser(doc, variants).parse_args()
 
     rows = []
     work = Path(tempfile.mkdtemp(prefix="fewstep-bench-"))

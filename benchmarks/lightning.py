@@ -16,7 +16,6 @@ has the same budget. Writes benchmarks/results/lightning.json and prints the REA
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import average, markdown_table, meta, teacher_rows, write_results  # noqa: E402
+from common import average, benchmark_parser, markdown_table, meta, teacher_rows, write_results  # noqa: E402
 
 from fewstep.api import evaluate, load_teacher  # noqa: E402
 from fewstep.distillation import distill  # noqa: E402
@@ -39,12 +38,7 @@ STEPS = (8, 4, 2, 1)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", nargs="+", default=["digits", "grid25"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--n", type=int, default=2000, help="evaluation samples")
-    p.add_argument("--iterations", type=int, default=None, help="override the configs' iterations (quick runs)")
+    p = benchmark_parser(__doc__, VARIANTS)
     p.add_argument("--keep", default=None, help="keep the run directories in this folder")
     a = p.parse_args()
 
