@@ -47,8 +47,8 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .models.lora import low_rank
+from .options import EXPORT_FORMATS as FORMATS
 
-FORMATS = ("diffusers", "lora")
 #: LCM's boundary-condition time scale; this large, c_skip = 0 and c_out = 1 to float precision for t >= 1
 TIMESTEP_SCALING = 1.0e6
 

@@ -18,9 +18,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..options import SAMPLERS
 from .schedule import Schedule, bcast
 
-SAMPLERS = ("ddim", "euler", "heun")
 DEFAULT_SPACING = {"ddim": None, "euler": "karras", "heun": "karras"}
 
 

@@ -11,10 +11,9 @@ from typing import Any
 
 from ..errors import UserError
 from ..io import atomic_write_bytes, atomic_write_json
+from ..options import CLASSIFIER, TEACHERS
 
 ZOO_DIR = Path(__file__).resolve().parent
-TEACHERS = ("digits", "ring8", "grid25", "moons", "checkerboard", "swissroll")
-CLASSIFIER = "digits_classifier"
 
 # Training presets of the embedded teachers (TeacherConfig fields). Digits: the class-conditional UNet (null class for
 # CFG); toys: the residual MLP. Both: DDPM T=1000, linear betas rescaled to zero terminal SNR, v-prediction, trailing
