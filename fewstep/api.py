@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from .diffusion.denoiser import Denoiser, guided
 from .diffusion.samplers import SAMPLERS, nfe, sample as run_sampler
 from .errors import UserError
 from .models import load_denoiser
+from .options import MAX_CONTINUOUS_STEPS, MAX_SEED
 
 #: teacher sampling defaults when a caller gives none
 DEFAULT_SAMPLER = "heun"
@@ -51,7 +54,15 @@ def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.d
         from .models.hf import load_diffusers
 
         return load_diffusers(path, dtype=dtype or torch.float32, resolution=resolution)
+    elif path.is_dir() and (path / "student.json").is_file():
+        raise UserError(f"{path} is a distillation run (its student.json is a student, not a teacher); distill from "
+                        "its teacher (its config.yaml names it), or sample the student with `fewstep sample "
+                        "--student`")
     else:
+        from .models.hf import missing_index_message
+
+        if missing_index_message(path):
+            raise UserError(missing_index_message(path))
         raise UserError(
             f"no teacher at {spec_s!r}: give an embedded name ({', '.join(zoo.TEACHERS)}), "
             "a run directory from `fewstep teacher train`, a .safetensors file with its .json, or a diffusers folder"
@@ -59,6 +70,10 @@ def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.d
     if resolution is not None or dtype is not None:
         raise UserError("resolution and dtype are options of diffusers teachers; fewstep's own networks have theirs")
     den, desc = load_denoiser(prefix)
+    if (desc.get("meta") or {}).get("kind") == "student":
+        raise UserError(f"{prefix.with_suffix('.json')} is a distilled student, not a teacher; distill from its "
+                        "teacher (the run's config.yaml names it), or sample the student with `fewstep sample "
+                        "--student`")
     den.info = desc
     return den
 
@@ -106,10 +121,97 @@ def _labels_for(model: Any, n: int, labels: Tensor | list[int] | None) -> Tensor
     return labels
 
 
-def check_steps(steps: int) -> int:
-    if int(steps) != steps or steps < 1:
-        raise UserError(f"--steps must be a whole number of at least 1, got {steps}")
+def _whole(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):  # a string, nan, inf
+        return False
+
+
+def max_steps(schedule: Any) -> int:
+    """The most sampling steps ``schedule`` has: its discrete timesteps (DDPM, flow), else ``MAX_CONTINUOUS_STEPS``."""
+    return int(getattr(schedule, "num_train_timesteps", None) or MAX_CONTINUOUS_STEPS)
+
+
+def check_steps(steps: Any, schedule: Any = None, flag: str = "--steps") -> int:
+    """``steps`` as an int: a whole number of at least 1 and, given the model's ``schedule``, at most its steps
+    (:func:`max_steps`); else a one-line :class:`UserError` naming the value and the fix."""
+    if not _whole(steps) or steps < 1:
+        raise UserError(f"{flag} must be a whole number of at least 1, got {steps!r}")
+    if schedule is not None and steps > max_steps(schedule):
+        most = max_steps(schedule)
+        has = (f"{most} timesteps" if getattr(schedule, "num_train_timesteps", None)
+               else f"a continuous time; fewstep takes at most {most} steps")
+        raise UserError(f"{flag} {steps} is more than the model's {schedule.kind} schedule has ({has}); "
+                        f"pass {flag} {most} or fewer")
     return int(steps)
+
+
+def check_cfg_scale(scale: Any, flag: str = "--cfg-scale") -> float:
+    """``scale`` as a float: finite and at least 0 (0 = unconditional, 1 = no guidance); else a one-line error."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(scale, bool) or not math.isfinite(value) or value < 0:
+        raise UserError(f"{flag} must be a finite number of at least 0 (1 = no guidance), got {scale!r}")
+    return value
+
+
+def check_seed(seed: Any, flag: str = "--seed") -> int:
+    """``seed`` as an int in ``0..MAX_SEED`` (torch's generators take 64-bit seeds); else a one-line error."""
+    if not _whole(seed) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{flag} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (psutil when installed, else the free pages the OS reports)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+#: float32 copies of the samples held at once while sampling: the noise, the batches' outputs, their concatenation
+SAMPLE_COPIES = 3
+
+
+def check_sample_count(n: Any, shape: tuple[int, ...], flag: str = "--n") -> int:
+    """``n`` as an int: at least 1, and ``n`` samples of ``shape`` (float32, :data:`SAMPLE_COPIES` copies) must fit
+    in the memory available now; else a one-line :class:`UserError` with the largest ``n`` that fits."""
+    if not _whole(n) or n < 1:
+        raise UserError(f"{flag} must be a whole number of at least 1, got {n!r}")
+    per_sample = math.prod(shape) * 4 * SAMPLE_COPIES
+    free = available_memory()
+    if n * per_sample > free:
+        raise UserError(f"{flag} {n} needs about {n * per_sample / 1e9:,.1f} GB for samples of shape {tuple(shape)} "
+                        f"({SAMPLE_COPIES} float32 copies) but {free / 1e9:,.1f} GB of memory is available; pass "
+                        f"{flag} {max(1, free // per_sample)} or fewer")
+    return int(n)
+
+
+def check_sampling(model: Any, n: Any, steps: Any, sampler: str, cfg_scale: Any, seed: Any,
+                   shape: tuple[int, ...] | None = None) -> tuple[int, int | None, float, int]:
+    """The sampling arguments of :func:`generate` and :func:`evaluate`, checked before anything is loaded or drawn
+    (one-line :class:`UserError` each): ``n`` against memory for samples of ``shape`` (default the model's), the
+    teacher's ``steps`` against its schedule, ``sampler``, ``cfg_scale``, ``seed``. A student takes no other step
+    count than its own. Returns ``n``, ``steps`` (None for a student), ``cfg_scale`` and ``seed``."""
+    from .student import Student
+
+    n = check_sample_count(n, tuple(shape or model.sample_shape))
+    cfg_scale = check_cfg_scale(cfg_scale)
+    seed = check_seed(seed)
+    if isinstance(model, Student):
+        if steps is not None and steps != model.steps:
+            raise UserError(f"this student samples in {model.steps} steps (its training timesteps); drop --steps "
+                            f"or pass --steps {model.steps}")
+        return n, None, cfg_scale, seed
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    return n, check_steps(DEFAULT_STEPS if steps is None else steps, model.schedule), cfg_scale, seed
 
 
 @torch.no_grad()
@@ -130,23 +232,19 @@ def generate(
     """
     from .student import Student
 
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
+    n, steps, cfg_scale, seed = check_sampling(model, n, steps, sampler, cfg_scale, seed)
+    if not _whole(batch_size) or batch_size < 1:
+        raise UserError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    is_student = isinstance(model, Student)
     labels = _labels_for(model, n, labels)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *model.sample_shape), generator=gen)
-    if isinstance(model, Student):
-        if steps is not None and steps != model.steps:
-            raise UserError(f"this student samples in {model.steps} steps (its training timesteps); drop --steps "
-                            f"or pass --steps {model.steps}")
+    if is_student:
         evals = model.steps
 
         def run(z_b: Tensor, cond: Tensor | None) -> Tensor:
             return model.sample(len(z_b), labels=cond, z=z_b, generator=gen)
     else:
-        steps = check_steps(DEFAULT_STEPS if steps is None else steps)
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
         den = guided(model, cfg_scale) if labels is not None else model
         evals = nfe(sampler, steps) * (2 if labels is not None and cfg_scale != 1.0 else 1)
 
@@ -240,7 +338,13 @@ def evaluate(
     """
     from .data import load_data
     from .eval.evaluate import evaluate_samples
+    from .models.hf import decode_samples, image_shape
 
+    shape = image_shape(model)  # latent diffusers models are measured on their decoded images
+    # the numbers first: a bad one is reported before any weights, data or sampling
+    n, _, cfg_scale, seed = check_sampling(model, n, steps, sampler, cfg_scale, seed, shape=tuple(shape))
+    if not _whole(patch_size) or patch_size < 1:
+        raise UserError(f"--patch-size must be a whole number of at least 1, got {patch_size!r}")
     want_inception = inception or inception_weights is not None
     want_clip = clip or clip_model is not None
     data = data or model_data(model)
@@ -264,9 +368,6 @@ def evaluate(
         from .eval.clip import CLIP, load_clip
 
         clip_net = clip_model if isinstance(clip_model, CLIP) else load_clip(clip_model)
-    from .models.hf import decode_samples, image_shape
-
-    shape = image_shape(model)  # latent diffusers models are measured on their decoded images
     resolution = shape[-1] if len(shape) == 3 else None
     channels = shape[0] if len(shape) == 3 and shape != tuple(model.sample_shape) else None
     test = load_data(data, "test", resolution=resolution, channels=channels)
@@ -318,17 +419,10 @@ def _generate_from_prompts(model: Any, prompts: list[str], n: int, steps: int | 
     from .models.hf import generate_images
     from .student import Student
 
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
+    n, steps, cfg_scale, seed = check_sampling(model, n, steps, sampler, cfg_scale, seed)
     if isinstance(model, Student):
-        if steps is not None and steps != model.steps:
-            raise UserError(f"this student samples in {model.steps} steps (its training timesteps); drop --steps "
-                            f"or pass --steps {model.steps}")
         evals, kwargs = model.steps, {}
     else:
-        steps = check_steps(DEFAULT_STEPS if steps is None else steps)
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
         evals = count_nfe(sampler, steps) * (2 if cfg_scale != 1.0 else 1)
         kwargs = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale)
     ps = [prompts[i % len(prompts)] for i in range(n)]

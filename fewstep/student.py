@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .diffusion.denoiser import Denoiser
 from .diffusion.samplers import sample_student
+from .errors import UserError
 from .models import load_denoiser, save_denoiser
 
 
@@ -86,7 +87,12 @@ def load_student(prefix: str | Path) -> Student:
     """Load a saved student; one whose JSON says ``meta.sampler == "ode"`` (SDXL-Lightning's students) takes
     deterministic ODE steps between its timesteps instead of re-noising."""
     den, desc = load_denoiser(prefix)
-    meta = desc.get("meta", {})
+    meta = desc.get("meta") or {}
+    if meta.get("kind") != "student" or not meta.get("timesteps"):
+        what = "a teacher" if meta.get("kind") in (None, "teacher") else f"a {meta.get('kind')!r}"
+        raise UserError(f"{Path(prefix).with_suffix('.json')} describes {what}, not a distilled student (no "
+                        "meta.kind 'student' with timesteps); give the run directory of `fewstep distill`, or load "
+                        "a teacher with --teacher / fewstep.load_teacher")
     cls = Student
     if meta.get("sampler") == "ode":
         from .methods.lightning import LightningStudent

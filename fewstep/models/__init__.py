@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -87,14 +88,44 @@ def load_denoiser(path: str | Path) -> tuple[Denoiser, dict[str, Any]]:
             raise UserError(f"{p} not found: a saved denoiser is a .safetensors file with a .json beside it")
     try:
         desc = json.loads(desc_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{desc_path} is not valid JSON ({e}); re-create it or point at another model") from None
-    if desc.get("format") != FORMAT:
-        raise UserError(f"{desc_path} is not a fewstep denoiser description (format {desc.get('format')!r})")
-    den = denoiser_from_description(desc)
-    den.net.load_state_dict(load_file(weights))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{desc_path} is not readable JSON ({e}); re-create it or point at another model") from None
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        found = desc.get("format") if isinstance(desc, dict) else type(desc).__name__
+        raise UserError(f"{desc_path} is not a fewstep denoiser description (format {found!r}); point at the .json "
+                        "that fewstep saved beside the .safetensors")
+    try:
+        den = denoiser_from_description(desc)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{desc_path} is damaged: its description of the network does not build one "
+                        f"({type(e).__name__}: {e}); copy the model again from where it was saved") from None
+    try:
+        state = load_file(weights)
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{weights} is not a readable safetensors file ({e}); it is truncated or damaged: copy it "
+                        "again from where it was saved") from None
+    try:
+        den.net.load_state_dict(state)
+    except RuntimeError as e:  # missing/unexpected keys, size mismatches: another model's weights
+        raise UserError(f"{weights} holds weights of another network than {desc_path.name} describes "
+                        f"({_first_state_dict_error(e)}); copy the .safetensors and .json of the same model") from None
     den.eval().requires_grad_(False)
     return den, desc
+
+
+def _first_state_dict_error(e: RuntimeError) -> str:
+    """The first problem ``load_state_dict`` lists (one key, one shape), in one line."""
+    import re
+
+    lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e).strip()]
+    first = lines[0]
+    keys = re.match(r'((?:Missing|Unexpected) key\(s\) in state_dict): ("[^"]*")(, )?', first)
+    if keys:
+        more = first.count('", "')
+        first = f"{keys.group(1)}: {keys.group(2)}" + (f" and {more} more" if more else "")
+    return first.rstrip(".") + (f"; and {len(lines) - 1} more mismatches" if len(lines) > 1 else "")
 
 
 __all__ = ["ClassUNet", "PointMLP", "build_network", "save_denoiser", "load_denoiser", "describe", "network_spec"]

@@ -96,6 +96,21 @@ def is_diffusers_folder(path: str | Path) -> bool:
     return False
 
 
+def missing_index_message(path: str | Path) -> str | None:
+    """For a folder that holds a pipeline's components (``unet/``, ``scheduler/``, ...) but no ``model_index.json``:
+    the one-line error naming the missing file; else None."""
+    path = Path(path)
+    if not path.is_dir() or (path / "model_index.json").is_file() or (path / "config.json").is_file():
+        return None
+    parts = [n for n in (*DENOISER_COMPONENTS, "vae", "text_encoder", "scheduler")
+             if (path / n / "config.json").is_file() or (path / n / "scheduler_config.json").is_file()]
+    if not parts:
+        return None
+    return (f"{path / 'model_index.json'} is missing: {path} holds pipeline components ({', '.join(parts)}) but not "
+            "the index that lists them; copy model_index.json from the original model (or re-save it with "
+            "save_pretrained)")
+
+
 def _check_pipeline_folder(path: Path) -> dict[str, Any]:
     index = _read_json(path / "model_index.json")
     comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
@@ -624,6 +639,10 @@ def load_pipeline(folder: Path, **components: Any) -> Any:
     comps = _check_pipeline_folder(folder)
     kwargs = {name: None for name, (lib, cls) in comps.items() if lib is None or cls is None}
     kwargs.update(components)
+    from diffusers.utils import logging as diffusers_logging
+
+    bar = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar: an error stays one line
     try:
         with warnings.catch_warnings():  # newer diffusers rename torch_dtype to dtype; older ones only know torch_dtype
             warnings.simplefilter("ignore", FutureWarning)
@@ -632,6 +651,9 @@ def load_pipeline(folder: Path, **components: Any) -> Any:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{folder}: diffusers cannot load this pipeline ({msg}); re-save it with save_pretrained"
                         ) from None
+    finally:
+        if bar:
+            diffusers_logging.enable_progress_bar()
 
 
 def _model_class(name: str) -> Any:
