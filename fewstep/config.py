@@ -3,7 +3,7 @@
 Every config forbids unknown keys, so a typo is an error rather than a silently ignored option. A run directory
 always holds the *resolved* config (every default filled in) as ``config.yaml``; :func:`load_config` reads it back.
 Validation and YAML errors surface as one-line :class:`~fewstep.errors.UserError` messages such as
-``config.yaml: loop.iterations: Input should be greater than or equal to 1``.
+``config.yaml: loop.iterations: Input should be greater than or equal to 1 (got 0)``.
 """
 from __future__ import annotations
 
@@ -15,19 +15,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 from .io import atomic_write_text
+from .options import MAX_BATCH_SIZE, MAX_ITERATIONS, MAX_LR, MAX_SEED, MAX_STUDENT_STEPS
 
 M = TypeVar("M", bound=BaseModel)
+
+#: the model_config of every run config: unknown keys are errors, and so are nan and inf in any float field
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoopConfig(BaseModel):
     """Options of the training loop shared by teacher training and every distillation method."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    iterations: int = Field(1000, ge=1, description="Training iterations (one batch each; every scheduled player updates).")
-    batch_size: int = Field(128, ge=1, description="Global batch size (split evenly across processes).")
-    seed: int = Field(0, ge=0, description="Seed of every random draw; with (rank, iteration) it reseeds every step.")
+    iterations: int = Field(
+        1000, ge=1, le=MAX_ITERATIONS,
+        description="Training iterations (one batch each; every scheduled player updates).")
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE, description="Global batch size (split evenly across processes).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random draw; with (rank, iteration) it reseeds every step.")
     checkpoint_every: int = Field(1000, ge=1, description="Write a checkpoint every this many iterations (and at the end).")
+    checkpoint_minutes: float | None = Field(
+        10.0, gt=0, allow_inf_nan=False,
+        description="Also write one once this many minutes of wall time have passed since the last (None = by "
+                    "iterations only), so a crash loses at most that much. Safe to change on resume.")
     keep_checkpoints: int = Field(3, ge=1, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(50, ge=1, description="Log means of the losses over this many iterations to metrics.jsonl/TensorBoard.")
     sample_every: int = Field(
@@ -64,7 +74,7 @@ def _default_teacher_loop() -> LoopConfig:
 class TeacherConfig(BaseModel):
     """Training a diffusion teacher from scratch on embedded data, an image folder or a point file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     data: str = Field("digits", description="Embedded data name (digits, grid25, ...), an image folder or a point file.")
     resolution: int | None = Field(
@@ -83,7 +93,7 @@ class TeacherConfig(BaseModel):
     prediction_type: Literal["epsilon", "v_prediction", "sample", "flow", "edm"] = Field(
         "v_prediction", description="What the network predicts."
     )
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (after warm-up).")
+    lr: float = Field(1e-3, gt=0, le=MAX_LR, description="AdamW learning rate (after warm-up).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     warmup_iterations: int = Field(200, ge=0, description="Linear learning-rate warm-up length.")
@@ -113,12 +123,12 @@ class DMD2Config(BaseModel):
     fake score's bottleneck, and backward simulation for multi-step students. The ablation switches give DMD2 without
     TTUR (``ttur: 1``), without the GAN head (``gan: false``) and DMD v1 (``ttur: 1, gan: false, regression: true``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     method: Literal["dmd2"] = Field("dmd2", description="The distillation method.")
     teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
     data: str | None = Field(None, description="Real data for the GAN head (default: the teacher's training data).")
-    steps: int = Field(1, ge=1, le=8, description="Student sampling steps (timesteps: trailing spacing, e.g. 999 749 499 249).")
+    steps: int = Field(1, ge=1, le=MAX_STUDENT_STEPS, description="Student sampling steps (timesteps: trailing spacing, e.g. 999 749 499 249).")
     resolution: int | None = Field(None, ge=1, description=RESOLUTION_DESCRIPTION)
     guidance_scale: float = Field(
         1.0, ge=1.0, description="CFG scale on the real score (w = 1: no guidance; uncond + w (cond - uncond)).")
@@ -136,8 +146,8 @@ class DMD2Config(BaseModel):
     regression_teacher_steps: int = Field(32, ge=1, description="Heun steps of the teacher when making regression pairs.")
     dm_t_range: tuple[float, float] = Field(
         (0.02, 0.98), description="Share of the time range the distribution matching loss draws t from (DMD2: 2%..98%).")
-    lr_generator: float = Field(1e-4, gt=0, description="AdamW learning rate of the generator.")
-    lr_fake: float = Field(1e-4, gt=0, description="AdamW learning rate of the fake score and GAN head.")
+    lr_generator: float = Field(1e-4, gt=0, le=MAX_LR, description="AdamW learning rate of the generator.")
+    lr_fake: float = Field(1e-4, gt=0, le=MAX_LR, description="AdamW learning rate of the fake score and GAN head.")
     adam_betas: tuple[float, float] = Field((0.0, 0.999), description="AdamW betas (both players).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (DMD2 reference: 0.01).")
     warmup_iterations: int = Field(20, ge=0, description="Linear learning-rate warm-up (updates of each player).")
@@ -156,12 +166,15 @@ class DMD2Config(BaseModel):
 # YAML in and out
 # ----------------------------------------------------------------------------------------------------------------
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line: ``source: loc.a.b: message; loc.c: message``."""
+    """One line: ``source: loc.a.b: message (got value); loc.c: message`` (the value when it is a number or a short
+    string)."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e.get("loc", ())) or "(top level)"
-        parts.append(f"{loc}: {e.get('msg', 'invalid value')}")
-    return f"{source}: " + "; ".join(parts)
+        value = e.get("input")
+        shown = isinstance(value, (int, float, str)) and len(repr(value)) <= 40 and e.get("type") != "missing"
+        parts.append(f"{loc}: {e.get('msg', 'invalid value')}{f' (got {value!r})' if shown else ''}")
+    return " ".join(f"{source}: {'; '.join(parts)}".split())  # one line, whatever the messages hold
 
 
 def validate_config(model_cls: type[M], data: Any, source: str = "config") -> M:

@@ -89,6 +89,20 @@ def config_resolution(cfg: Any) -> int | None:
     return value
 
 
+#: config fields that count steps on the teacher's schedule
+STEP_FIELDS = ("steps", "student_times", "teacher_steps", "regression_teacher_steps")
+
+
+def check_schedule_steps(cfg: Any, schedule: Any) -> None:
+    """Every step count of ``cfg`` fits the teacher's ``schedule``, or a one-line error naming the field and the fix."""
+    from .api import check_steps
+
+    for name in STEP_FIELDS:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            check_steps(value, schedule, flag="--steps" if name == "steps" else name)
+
+
 def _sample_writer(student_of: Any, data_name: str | None) -> Any:
     from .eval.images import save_samples
     from .models.hf import DiffusersDenoiser, decode_samples
@@ -168,6 +182,7 @@ def distill(
 
         inception_weights = resolve_weights_path(inception_weights)
     teacher_model = load_teacher(cfg.teacher, resolution=config_resolution(cfg))
+    check_schedule_steps(cfg, teacher_model.schedule)  # before the data is prepared or anything trains
     data_name = cfg.data or model_data(teacher_model)
     if data_name is None:
         raise UserError(f"teacher {cfg.teacher!r} does not record its data; pass --data")

@@ -41,10 +41,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
-from ..config import RESOLUTION_DESCRIPTION, TEACHER_DESCRIPTION, LoopConfig, _default_distill_loop
+from ..config import RESOLUTION_DESCRIPTION, STRICT, TEACHER_DESCRIPTION, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, _cat_cond, guided
 from ..diffusion.samplers import student_timesteps
 from ..diffusion.schedule import Schedule, bcast
@@ -52,6 +52,7 @@ from ..errors import UserError
 from ..models.discriminators import ADDDiscriminator, hinge_g_loss
 from ..models.features import DIGITS_SHAPES, FeatureNetwork, build_feature_network
 from ..models.lora import apply_lora, share_frozen_weights, trainable
+from ..options import MAX_LR
 from ..train.teacher import warmup_schedule
 from .base import Batch, Method, Player, batch_cond, is_conditional
 from .dmd2 import Generator, _unwrap
@@ -72,7 +73,7 @@ class ADDConfig(BaseModel):
     heads on a frozen feature network, plus score distillation from the teacher. Ablations: ``distill_weight: 0``
     (adversarial only) and ``adversarial: false`` (distillation only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     method: Literal["add"] = Field("add", description="The distillation method.")
     teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
@@ -133,9 +134,10 @@ class ADDConfig(BaseModel):
         description="gamma of the R1 penalty on the heads' input features (ADD: ~1e-5, helpful above 128px). Ours "
                     "sums ||dD_k/dF_k||^2 over the heads (~0.3-0.5 on digits), so 1e-4 keeps it a light safeguard; "
                     "a trial with 0.1 was no better (digits 1-step FID 1.31 vs 1.24 at 600 iterations).")
-    lr_generator: float = Field(1e-4, gt=0, description="AdamW learning rate of the student.")
+    lr_generator: float = Field(1e-4, gt=0, le=MAX_LR, description="AdamW learning rate of the student.")
     lr_discriminator: float = Field(
-        1e-3, gt=0, description="AdamW learning rate of the discriminator heads (light heads: 10x the student's).")
+        1e-3, gt=0, le=MAX_LR,
+        description="AdamW learning rate of the discriminator heads (light heads: 10x the student's).")
     adam_betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas (both players; GAN practice).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_iterations: int = Field(20, ge=0, description="Linear learning-rate warm-up (updates of each player).")

@@ -51,11 +51,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 from torch import Tensor
 
-from ..config import TEACHER_DESCRIPTION, DMD2Config, LoopConfig, _default_distill_loop
+from ..config import STRICT, TEACHER_DESCRIPTION, DMD2Config, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, guided
 from ..diffusion.samplers import sample_student
 from ..errors import UserError
 from ..io import atomic_write, atomic_write_json
+from ..options import MAX_LR
 from .base import Batch, Method
 from .dmd2 import _unwrap
 
@@ -93,7 +94,7 @@ class DisBackConfig(BaseModel):
     (distillation) iterations only; the recording adds ``record_checkpoints * record_every`` iterations before them
     (0 when the path is found in the cache)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     method: Literal["disback"] = Field("disback", description="The distillation method.")
     base: Literal["dmd2", "add"] = Field(
@@ -119,7 +120,7 @@ class DisBackConfig(BaseModel):
         description="Recording iterations between two checkpoints (the recording takes N * record_every iterations). "
                     "Reference code: 100 (1,000 recording iterations). Ours: 30 (120, under 10% of a run's budget).")
     record_lr: float | None = Field(
-        None, gt=0,
+        None, gt=0, le=MAX_LR,
         description="AdamW learning rate of the degrading teacher copy (None: the wrapped method's fake-score rate, "
                     "dmd2.lr_fake; for ADD, add.lr_generator).")
     record_batch_size: int | None = Field(

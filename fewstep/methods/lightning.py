@@ -80,10 +80,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
-from ..config import RESOLUTION_DESCRIPTION, TEACHER_DESCRIPTION, LoopConfig, _default_distill_loop
+from ..config import RESOLUTION_DESCRIPTION, STRICT, TEACHER_DESCRIPTION, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, guided
 from ..diffusion.samplers import initial_noise, sample_ddim, sample_heun, student_timesteps
 from ..diffusion.schedule import Schedule, bcast
@@ -91,6 +91,7 @@ from ..errors import UserError
 from ..io import atomic_write, atomic_write_json
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
 from ..models.lora import ADAPTER, low_rank, lora_targets
+from ..options import MAX_LR
 from ..student import Student
 from .base import Batch, Method, Player, batch_cond
 from .dmd2 import Generator, _unwrap
@@ -111,7 +112,7 @@ class LightningConfig(BaseModel):
     unconditional objective), merged, then full fine-tuning. Ablations: ``objective: mse_only`` and
     ``objective: conditional``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     method: Literal["lightning"] = Field("lightning", description="The distillation method.")
     teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
@@ -161,13 +162,14 @@ class LightningConfig(BaseModel):
     x0_prediction: bool = Field(
         True, description="The 1-step student predicts x0 (switches an epsilon teacher's output; v/flow/EDM already "
                           "give a well-defined x0 at t = T).")
-    lr_mse: float = Field(1e-4, gt=0, description="AdamW learning rate of the full network in MSE stages.")
-    lr_lora: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA.")
-    lr_full: float = Field(5e-5, gt=0, description="AdamW learning rate of the full network in adversarial stages.")
+    lr_mse: float = Field(1e-4, gt=0, le=MAX_LR, description="AdamW learning rate of the full network in MSE stages.")
+    lr_lora: float = Field(1e-3, gt=0, le=MAX_LR, description="AdamW learning rate of the LoRA.")
+    lr_full: float = Field(
+        5e-5, gt=0, le=MAX_LR, description="AdamW learning rate of the full network in adversarial stages.")
     lr_discriminator: float = Field(
-        1e-4, ge=0, description="AdamW learning rate of the discriminator's backbone (the teacher's encoder copy; 0 = "
-                                "frozen).")
-    lr_head: float = Field(1e-3, gt=0, description="AdamW learning rate of the discriminator's heads.")
+        1e-4, ge=0, le=MAX_LR,
+        description="AdamW learning rate of the discriminator's backbone (the teacher's encoder copy; 0 = frozen).")
+    lr_head: float = Field(1e-3, gt=0, le=MAX_LR, description="AdamW learning rate of the discriminator's heads.")
     adam_betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas (all players; GAN practice).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm (None = no clipping).")
