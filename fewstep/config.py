@@ -35,7 +35,7 @@ class LoopConfig(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random draw; with (rank, iteration) it reseeds every step.")
     checkpoint_every: int = Field(1000, ge=1, description="Write a checkpoint every this many iterations (and at the end).")
     checkpoint_minutes: float | None = Field(
-        10.0, gt=0, allow_inf_nan=False,
+        10.0, gt=0,
         description="Also write one once this many minutes of wall time have passed since the last (None = by "
                     "iterations only), so a crash loses at most that much. Safe to change on resume.")
     keep_checkpoints: int = Field(3, ge=1, description="How many of the newest checkpoints to keep.")

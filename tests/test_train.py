@@ -210,15 +210,28 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path) -> None:
     assert not leftover.exists()
 
 
-def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_path: Path) -> None:
+def test_resume_needs_a_checkpoint_and_a_finished_run_is_a_no_op(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train_teacher(small_cfg(6, checkpoint_every=100), run, resume=True, dataset=Mixture(256))
+    with pytest.raises(UserError, match="holds no run to resume; drop --resume"):
+        train_teacher(small_cfg(6, checkpoint_every=100), run, resume=True, dataset=Mixture(256))
+    assert not run.exists()
+    train_teacher(small_cfg(6, checkpoint_every=100), run, dataset=Mixture(256))
     assert [p.name for p in list_checkpoints(run)] == ["step_00000006.pt"]
-    before = (run / "metrics.jsonl").read_text()
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "config.yaml")}
     train_teacher(small_cfg(6, checkpoint_every=100), run, resume=True, dataset=Mixture(256))
-    assert (run / "metrics.jsonl").read_text() == before
+    assert (run / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     with pytest.raises(UserError, match="at iteration 6, past the 4 iterations"):
         train_teacher(small_cfg(4, checkpoint_every=100), run, resume=True, dataset=Mixture(256))
+
+    # no checkpoint left (a crash before the first one, or all of them damaged): refused, nothing touched
+    (run / "checkpoints" / "step_00000006.pt").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="step_00000006.pt: it is damaged or not a fewstep checkpoint"), \
+            pytest.raises(UserError, match="has no checkpoint that loads, so there is nothing to resume; pass --restart"):
+        train_teacher(small_cfg(6, checkpoint_every=100), run, resume=True, dataset=Mixture(256))
+    (run / "checkpoints" / "step_00000006.pt").unlink()
+    with pytest.raises(UserError, match="has no checkpoint to resume from; pass --restart"):
+        train_teacher(small_cfg(6, checkpoint_every=100), run, resume=True, dataset=Mixture(256))
+    assert {name: (run / name).read_bytes() for name in before} == before
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -228,7 +241,7 @@ def test_existing_run_dir_without_resume_is_a_user_error(tmp_path: Path) -> None
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("")
-    with pytest.raises(UserError, match="exists; pass --resume to continue it or choose a new --out"):
+    with pytest.raises(UserError, match="exists; pass --resume to continue it, --restart to move it aside and start over, or choose a new --out"):
         train_teacher(small_cfg(2), run, dataset=Mixture(64))
     (tmp_path / "empty").mkdir()
     train_teacher(small_cfg(1), tmp_path / "empty", dataset=Mixture(64))  # an empty folder is fine

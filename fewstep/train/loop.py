@@ -22,9 +22,18 @@ A :class:`~fewstep.methods.base.Method` supplies players and losses; this loop d
   counted, and 10 in a row stop the run;
 * **logging** -- means over the last ``log_every`` iterations to ``metrics.jsonl`` (one JSON object per line) and
   TensorBoard (``tb/``), the latest losses on a tqdm progress bar;
-* **checkpoints** -- ``checkpoints/step_XXXXXXXX.pt`` (``XXXXXXXX`` = iterations done), written atomically, the newest
-  ``keep_checkpoints`` kept; tensors and plain values only, loaded back with ``torch.load(weights_only=True)``;
-* **resume** -- from the newest checkpoint that loads (a corrupt one falls back to the one before, with a warning).
+* **checkpoints** -- ``checkpoints/step_XXXXXXXX.pt`` (``XXXXXXXX`` = iterations done) every ``checkpoint_every``
+  iterations, at the end, and once ``checkpoint_minutes`` of wall time have passed since the last one (decided by
+  the main process for all), written atomically, the newest ``keep_checkpoints`` kept; tensors and plain values
+  only, loaded back with ``torch.load(weights_only=True)``; each carries the run's resolved config;
+* **resume** -- from the newest checkpoint that loads (a damaged one falls back to the one before, with a one-line
+  warning); refused when there is none, or when the config differs from the checkpoint's in anything but
+  :data:`SAFE_TO_CHANGE_ON_RESUME` and a longer ``loop.iterations``. ``metrics.jsonl`` rows up to the checkpoint
+  are kept byte for byte, the ones after it dropped (the resumed run writes them again).
+
+:func:`train` reads as its pieces: :func:`_set_up`, :func:`_prepare_players`, :func:`_restore_run`,
+:func:`_open_outputs`, then per iteration :func:`_train_step` (:func:`_update` per player), :func:`_log`,
+:func:`_checkpoint_due` / :func:`_save_checkpoint`, and :func:`_close` / :func:`_finish`, sharing a :class:`_Run`.
 
 Steps are counted in *iterations done*: the checkpoint, the log row and the sample grid written after iteration
 ``it`` (0-based) all carry ``step = it + 1``.
@@ -33,13 +42,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import time
 import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,7 +62,7 @@ from pydantic import BaseModel
 
 from ..config import LoopConfig, dump_config
 from ..errors import UserError
-from ..io import atomic_torch_save, atomic_write_text
+from ..io import atomic_torch_save, atomic_write, atomic_write_bytes
 from ..methods.base import Batch, Method
 from .ema import EMA
 from .memory import (
@@ -67,6 +80,14 @@ from .memory import (
 
 CHECKPOINT_FORMAT = "fewstep-checkpoint"
 CRASH_ENV = "FEWSTEP_CRASH_AT_STEP"  # test hook: os._exit(137) right after that step's checkpoint logic
+SLOW_WRITE_ENV = "FEWSTEP_SLOW_CHECKPOINT_WRITE"  # test hook: pause this many seconds halfway through each write
+#: Config fields (dotted paths) a resume may change: they decide what is logged, shown or kept, never what is trained,
+#: so a resumed run still equals an uninterrupted one. ``loop.iterations`` may also grow (to train longer). Any other
+#: difference from the checkpoint's config is refused (:func:`check_resume_config`).
+SAFE_TO_CHANGE_ON_RESUME = frozenset({
+    "loop.log_every", "loop.sample_every", "loop.progress", "loop.keep_checkpoints", "loop.checkpoint_every",
+    "loop.checkpoint_minutes",
+})
 MAX_CONSECUTIVE_NONFINITE = 10
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -131,12 +152,89 @@ def _as_tuple(x: Any) -> Any:
 # Run directory, checkpoints, metrics
 # ----------------------------------------------------------------------------------------------------------------
 def check_run_dir(run_dir: str | Path, resume: bool) -> None:
-    """A run directory is never overwritten: without ``resume`` it must be new or empty."""
+    """A run directory is never overwritten: without ``resume`` it must be new or empty; with it, it must hold a
+    checkpoint (whether one loads is checked when the run restores it)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a directory; choose a new --out")
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} exists; pass --resume to continue it or choose a new --out")
+        raise UserError(f"{run_dir} exists; pass --resume to continue it, --restart to move it aside and start over, "
+                        f"or choose a new --out")
+    if resume and not list_checkpoints(run_dir):
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise UserError(f"{run_dir} has no checkpoint to resume from; pass --restart to move it aside and start "
+                            f"over, or choose a new --out")
+        raise UserError(f"{run_dir} holds no run to resume; drop --resume to start a new run there")
+
+
+def set_aside(run_dir: str | Path) -> Path | None:
+    """``--restart``: rename a non-empty ``run_dir`` to ``<run_dir>.before-restart-<UTC time>`` beside it (one
+    rename: nothing is deleted or half-moved), so a new run can start there. Returns the new name (None when there
+    was nothing to move). With several processes the main one renames while the others wait."""
+    from accelerate import PartialState
+
+    run_dir = Path(run_dir)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    moved = None
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        moved = run_dir.with_name(f"{run_dir.name}.before-restart-{stamp}")
+        i = 1
+        while moved.exists():
+            moved, i = run_dir.with_name(f"{run_dir.name}.before-restart-{stamp}-{i}"), i + 1
+        if state.is_main_process:
+            try:
+                run_dir.rename(moved)
+            except OSError as e:
+                raise UserError(f"cannot move {run_dir} aside to {moved} ({e.strerror}); move or remove it "
+                                f"yourself, or choose a new --out") from None
+            warnings.warn(f"--restart: moved the earlier run in {run_dir} to {moved}; starting over", stacklevel=2)
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} exists and is not a directory; choose a new --out")
+    state.wait_for_everyone()
+    return moved
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, checkpoint's value, current value)`` for each field that differs and that a resume may not
+    change (everything but :data:`SAFE_TO_CHANGE_ON_RESUME` and a longer ``loop.iterations``)."""
+    a, b = _flatten(stored), _flatten(current)
+    absent = object()
+    diffs = []
+    for key in [*b, *(k for k in a if k not in b)]:
+        old, new = a.get(key, absent), b.get(key, absent)
+        if old == new or key in SAFE_TO_CHANGE_ON_RESUME:
+            continue
+        if key == "loop.iterations" and isinstance(old, int) and isinstance(new, int) and new > old:
+            continue
+        diffs.append((key, None if old is absent else old, None if new is absent else new))
+    return diffs
+
+
+def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], run_dir: str | Path) -> None:
+    """Refuse (one line naming each differing key and its two values) to resume a run with another config."""
+    if not stored:  # a checkpoint from before checkpoints carried their config
+        return
+    diffs = config_differences(stored, current)
+    if diffs:
+        shown = "; ".join(f"{k} {_show(old)} (checkpoint) vs {_show(new)} (now)" for k, old, new in diffs)
+        raise UserError(f"{run_dir} was made with a different config: {shown}; resume with the same options, or "
+                        f"pass --restart to start over")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -160,15 +258,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads cleanly, falling back past corrupt or truncated ones with a warning."""
+def latest_checkpoint(run_dir: str | Path, warn: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads cleanly, falling back past corrupt or truncated ones with a one-line warning
+    each (``warn=False``: silently)."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
         except Exception as e:  # a truncated zip, a bad pickle, a foreign file: all mean "not usable"
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warnings.warn(f"skipping checkpoint {path} that does not load ({msg}); trying the one before", stacklevel=2)
+            if warn:
+                warnings.warn(f"skipping checkpoint {path}: {_load_failure(e)}; trying the one before", stacklevel=2)
     return None
+
+
+def _load_failure(e: Exception) -> str:
+    """Why a checkpoint does not load, in a few words (torch's own messages run to paragraphs)."""
+    text = str(e).strip()
+    if "zip archive" in text or "central directory" in text:
+        return "it is truncated or damaged (not a complete zip archive)"
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return "it is damaged or not a fewstep checkpoint (not tensors and plain values only)"
+    first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+    return first if len(first) <= 120 else first[:117] + "..."
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -187,9 +297,26 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
-    rows = [r for r in read_metrics(path) if isinstance(r.get("it"), int) and r["it"] <= step]
-    if path.exists():
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    """Drop the rows after ``step`` (and a torn last line) from ``metrics.jsonl``; the rows kept stay byte for byte
+    as written (the file is cut in place, or rewritten atomically when something in the middle goes)."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    kept, rows = [], []
+    for line in data.splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("it"), int) and row["it"] <= step:
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
+            rows.append(row)
+    text = b"".join(kept)
+    if text != data:
+        if data.startswith(text):
+            os.truncate(path, len(text))
+        else:
+            atomic_write_bytes(path, text)
     return rows
 
 
@@ -198,6 +325,26 @@ def _remove_temporaries(run_dir: Path) -> None:
     if folder.is_dir():
         for p in folder.glob(".step_*.tmp"):
             p.unlink(missing_ok=True)
+
+
+def _write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    """``atomic_torch_save``; with the test hook :data:`SLOW_WRITE_ENV` set, it pauses halfway through the bytes (so a
+    kill can land mid-write)."""
+    pause = float(os.environ.get(SLOW_WRITE_ENV) or 0)
+    if pause <= 0:
+        atomic_torch_save(ckpt, path)
+        return
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    data = buf.getvalue()
+
+    def write(f: Any) -> None:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(pause)
+        f.write(data[len(data) // 2:])
+
+    atomic_write(path, write)
 
 
 def _prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -320,8 +467,64 @@ def _to_float(v: Any) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# The loop: set-up, restore, one step, log, checkpoint, finish
 # ----------------------------------------------------------------------------------------------------------------
+def _now() -> float:
+    """The loop's clock (seconds; monotonic): elapsed time and wall-time checkpoints. Tests replace it."""
+    return time.perf_counter()
+
+
+@dataclass
+class _Run:
+    """What the pieces of one :func:`train` call share: the set-up, and the state checkpoints carry."""
+
+    method: Method
+    cfg: LoopConfig
+    run_dir: Path
+    accelerator: Any
+    x: torch.Tensor
+    labels: torch.Tensor | None
+    fsdp: bool
+    run_config: dict[str, Any]  # the resolved config, kept in every checkpoint and compared on resume
+    emas: dict[str, EMA] = field(default_factory=dict)
+    skeletons: dict[str, torch.nn.Module] = field(default_factory=dict)  # FSDP: plain modules to gather into
+    sharded: dict[str, bool] = field(default_factory=dict)
+    manual_sync: bool = False  # gradients averaged after backward (DDP's hooks off)
+    replicated: list[str] = field(default_factory=list)  # players whose gradients the loop averages
+    restore_dtypes: Callable[[list[torch.nn.Module]], None] | None = None
+    # carried by checkpoints
+    start: int = 0
+    elapsed_before: float = 0.0
+    nonfinite_total: int = 0
+    consecutive_bad: int = 0
+    window: dict[str, list[float]] = field(default_factory=dict)  # key -> [sum, count] since the last log row
+    # this process's
+    elapsed: float = 0.0
+    last_row: dict[str, Any] = field(default_factory=dict)
+    latest_loss: dict[str, float] = field(default_factory=dict)
+    out_of_sync: set[str] = field(default_factory=set)  # players already warned about
+    writer: Any = None
+    pbar: Any = None
+    t0: float = 0.0
+    last_checkpoint_time: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
 def train(
     method: Method,
     dataset: Any,
@@ -339,7 +542,9 @@ def train(
         dataset: anything with ``x`` (an ``(N, ...)`` float tensor) and ``labels`` (``(N,)`` int64 or None).
         cfg: the loop options.
         run_dir: the run directory (new or empty unless ``resume``).
-        resume: continue from the newest checkpoint in ``run_dir`` (start fresh when there is none).
+        resume: continue from the newest checkpoint in ``run_dir`` that loads; refused when there is none, or when
+            ``config`` differs from the checkpoint's beyond :data:`SAFE_TO_CHANGE_ON_RESUME` and a longer
+            ``loop.iterations``.
         sample_fn: ``sample_fn(step, path)`` writes a sample grid to ``path``; called every ``cfg.sample_every``
             iterations and at the end, on the main process only.
         log_fn: called with every row written to ``metrics.jsonl`` (main process only).
@@ -349,16 +554,40 @@ def train(
         The last logged row: ``it``, ``<player>/loss``, ``<player>/<stat>``, ``<player>/lr``, ``nonfinite_skipped``,
         ``seconds`` (and, on a GPU, ``max_memory_gb``: this process's peak allocated memory so far).
     """
-    run_dir = Path(run_dir)
+    run = _set_up(method, dataset, cfg, Path(run_dir), resume, config)
+    _prepare_players(run)
+    if resume:
+        _restore_run(run)
+    _open_outputs(run, resume, config)
+    crash_at = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
+    try:
+        for it in range(run.start, cfg.iterations):
+            _train_step(run, it)
+            step = it + 1
+            if step % cfg.log_every == 0 or step == cfg.iterations:
+                _log(run, step, log_fn)
+            if sample_fn is not None and _sample_due(run, step):
+                with run.accelerator.autocast():  # frozen parts may be held in the training dtype
+                    sample_fn(step, run.run_dir / "samples" / f"step_{step:08d}.png")
+            if _checkpoint_due(run, step):
+                _save_checkpoint(run, step)
+            if crash_at is not None and step == crash_at:
+                os._exit(137)  # the test hook: die like kill -9, no cleanup, no flush
+    finally:
+        _close(run)
+    return _finish(run, sample_fn)
+
+
+def _set_up(method: Method, dataset: Any, cfg: LoopConfig, run_dir: Path, resume: bool,
+            config: BaseModel | None) -> _Run:
+    """Check the run directory, the data and the options; start Accelerate; move the method to its device."""
     check_run_dir(run_dir, resume)
     accelerator = make_accelerator(cfg.mixed_precision)
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     accelerator.wait_for_everyone()  # every process has checked the directory before the first write
 
     x = dataset.x
-    labels = getattr(dataset, "labels", None)
-    n = int(x.shape[0])
-    if n == 0:
+    if int(x.shape[0]) == 0:
         raise UserError("the training data is empty")
     if cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} does not split evenly across {world} processes")
@@ -367,7 +596,7 @@ def train(
     # (shard_player) so that the methods run unchanged, and Accelerate only provides the processes.
     fsdp = _is_fsdp(accelerator) or (cfg.fsdp and world > 1)
     if cfg.fsdp and world == 1:
-        warnings.warn("loop.fsdp with one process: nothing to shard; training unsharded", stacklevel=2)
+        warnings.warn("loop.fsdp with one process: nothing to shard; training unsharded", stacklevel=3)
     if fsdp and accelerator.scaler is not None:
         raise UserError("fp16 mixed precision is not supported with FSDP (its loss scaler needs Accelerate's own "
                         "wrapping); set loop.mixed_precision to bf16")
@@ -379,210 +608,243 @@ def train(
                             f"weights on every process); set the method's ema_decay to null or train with DDP")
     method.run_dir = run_dir
     method.to(accelerator.device)  # frozen teachers and precomputed tensors (DisBack records its path here)
+    run_config = config.model_dump(mode="json") if config is not None else {"loop": cfg.model_dump(mode="json")}
+    return _Run(method, cfg, run_dir, accelerator, x, getattr(dataset, "labels", None), fsdp, run_config)
+
+
+def _prepare_players(run: _Run) -> None:
+    """Frozen weights in the training dtype, EMA copies, then each player sharded (FSDP) or prepared (DDP)."""
+    method, cfg, accelerator = run.method, run.cfg, run.accelerator
     # Frozen weights in the training dtype (players' frozen parts too: LoRA bases), before the EMA copies.
     low = training_dtype(cfg.mixed_precision, accelerator.device)
-    restore_dtypes = None
     if low is not None:
         held = optimizer_parameters(p.optimizer for p in method.players.values())
-        restore_dtypes = cast_frozen_parameters(modules_of(method), low, keep=held)
+        run.restore_dtypes = cast_frozen_parameters(modules_of(method), low, keep=held)
     if cfg.gradient_checkpointing:
         if not sum(enable_gradient_checkpointing(p.module) for p in method.players.values()):
             warnings.warn("gradient_checkpointing: none of the players' networks supports it; training without",
-                          stacklevel=2)
+                          stacklevel=4)
 
-    # Players: EMA copies are taken before Accelerate wraps the modules (and patches forward for autocast).
-    emas: dict[str, EMA] = {}
-    skeletons: dict[str, torch.nn.Module] = {}
+    # EMA copies are taken before Accelerate wraps the modules (and patches forward for autocast).
     # FSDP shards the large players; one with under 10% of the largest one's parameters (ADD's heads, whose R1
     # penalty differentiates twice, which FSDP cannot) stays replicated, its gradients averaged like DDP's.
     sizes = {key: sum(q.numel() for q in p.module.parameters() if q.requires_grad) for key, p in method.players.items()}
-    to_shard = {key for key, size in sizes.items() if fsdp and size >= 0.1 * max(sizes.values())}
+    to_shard = {key for key, size in sizes.items() if run.fsdp and size >= 0.1 * max(sizes.values())}
     for name, player in method.players.items():
         if player.ema_decay is not None:
-            emas[name] = EMA(player.module, player.ema_decay)
+            run.emas[name] = EMA(player.module, player.ema_decay)
         if name in to_shard:
-            skeletons[name] = copy.deepcopy(player.module).to("meta")  # to hand back a plain module after training
+            run.skeletons[name] = copy.deepcopy(player.module).to("meta")  # to hand back a plain module at the end
             player.module = shard_player(player.module.to(accelerator.device), player.optimizer, low)
-        elif fsdp:  # replicated beside sharded players: not given to Accelerate, which would shard it
+        elif run.fsdp:  # replicated beside sharded players: not given to Accelerate, which would shard it
             player.module = player.module.to(accelerator.device)
         else:
             player.module, player.optimizer = accelerator.prepare(player.module, player.optimizer)
-        if name in emas:
-            emas[name].to(accelerator.device)
-            player.ema = emas[name].module
-    sharded = {key: is_sharded_module(p.module) for key, p in method.players.items()}
+        if name in run.emas:
+            run.emas[name].to(accelerator.device)
+            player.ema = run.emas[name].module
+    run.sharded = {key: is_sharded_module(p.module) for key, p in method.players.items()}
     # Unsharded multi-process runs average gradients after backward instead of in DDP's backward hooks, so a method
     # may use a player's parameters outside its forward, several times in one backward, or freeze and unfreeze them
     # between phases (Lightning) -- all of which DDP's reducer refuses. (FSDP reduces in its own backward.)
-    manual_sync = world > 1 and not any(sharded.values())
-    replicated = [key for key in method.players if world > 1 and not sharded[key]]
-    out_of_sync: set[str] = set()  # players already warned about
+    run.manual_sync = run.world > 1 and not any(run.sharded.values())
+    run.replicated = [key for key in method.players if run.world > 1 and not run.sharded[key]]
 
-    # State that checkpoints carry besides the players.
-    start, elapsed_before, nonfinite_total, consecutive_bad = 0, 0.0, 0, 0
-    window: dict[str, list[float]] = {}  # key -> [sum, count] since the last log row
-    metrics_path = run_dir / "metrics.jsonl"
-    last_row: dict[str, Any] = {}
 
-    if resume:
-        found = latest_checkpoint(run_dir)
-        if found is not None:
-            path, ckpt = found
-            _restore(method, emas, accelerator, ckpt, path, sharded)
-            start = int(ckpt["iteration"])
-            if start > cfg.iterations:
-                raise UserError(f"{path} is at iteration {start}, past the {cfg.iterations} iterations asked for; "
-                                f"pass --iterations {start} or more to continue this run")
-            log = ckpt.get("log", {})
-            elapsed_before = float(ckpt.get("elapsed_seconds", 0.0))
-            nonfinite_total = int(log.get("nonfinite_skipped", 0))
-            consecutive_bad = int(log.get("consecutive_nonfinite", 0))
-            window = {k: [float(v[0]), float(v[1])] for k, v in log.get("window", {}).items()}
-        accelerator.wait_for_everyone()
-        if main:
-            _remove_temporaries(run_dir)
-            rows = _truncate_metrics(metrics_path, start)
-            last_row = rows[-1] if rows else {}
+def _restore_run(run: _Run) -> None:
+    """Continue from the newest checkpoint that loads. Refused (before anything in the run is touched) when there is
+    none, or when it was made with another config; then the ``metrics.jsonl`` rows after it are dropped."""
+    cfg = run.cfg
+    found = latest_checkpoint(run.run_dir, warn=run.main)
+    if found is None:
+        raise UserError(f"{run.run_dir} has no checkpoint that loads, so there is nothing to resume; pass --restart "
+                        f"to move it aside and start over, or choose a new --out")
+    path, ckpt = found
+    start = int(ckpt["iteration"])
+    if start > cfg.iterations:
+        raise UserError(f"{path} is at iteration {start}, past the {cfg.iterations} iterations asked for; "
+                        f"pass --iterations {start} or more to continue this run")
+    check_resume_config(ckpt.get("config"), run.run_config, run.run_dir)
+    _restore(run.method, run.emas, run.accelerator, ckpt, path, run.sharded)
+    log = ckpt.get("log", {})
+    run.start = start
+    run.elapsed_before = float(ckpt.get("elapsed_seconds", 0.0))
+    run.nonfinite_total = int(log.get("nonfinite_skipped", 0))
+    run.consecutive_bad = int(log.get("consecutive_nonfinite", 0))
+    run.window = {k: [float(v[0]), float(v[1])] for k, v in log.get("window", {}).items()}
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        _remove_temporaries(run.run_dir)
+        rows = _truncate_metrics(run.metrics_path, start)
+        run.last_row = rows[-1] if rows else {}
 
-    writer = None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+
+def _open_outputs(run: _Run, resume: bool, config: BaseModel | None) -> None:
+    """The run directory, its ``config.yaml``, TensorBoard and the progress bar (main process); the clocks."""
+    if run.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         if config is not None:
-            dump_config(config, run_dir / "config.yaml")
+            dump_config(config, run.run_dir / "config.yaml")
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if resume else None)
-    run_config = (config if config is not None else cfg).model_dump(mode="json")
-
+        run.writer = SummaryWriter(str(run.run_dir / "tb"), purge_step=run.start + 1 if resume else None)
     from tqdm.auto import tqdm
 
-    pbar = tqdm(total=cfg.iterations, initial=start, disable=not (cfg.progress and main), dynamic_ncols=True,
-                desc=run_dir.name, unit="it")
-    crash_at = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
-    latest_loss: dict[str, float] = {}
-    t0 = time.perf_counter()
-    try:
-        for it in range(start, cfg.iterations):
-            step = it + 1
-            # --- the draws of this iteration: a function of (seed, rank, it) only -----------------------------
-            set_random_seed(cfg.seed, rank, it)
-            idx = batch_indices(n, cfg.batch_size, cfg.seed, it, rank, world)
-            batch = Batch(x[idx], None if labels is None else labels[idx]).to(accelerator.device)
+    run.pbar = tqdm(total=run.cfg.iterations, initial=run.start, disable=not (run.cfg.progress and run.main),
+                    dynamic_ncols=True, desc=run.run_dir.name, unit="it")
+    run.t0 = run.last_checkpoint_time = _now()
 
-            # --- one update per scheduled player ---------------------------------------------------------------
-            for name in method.updates(it):
-                player = method.players[name]
-                with contextlib.ExitStack() as no_sync:
-                    if manual_sync:  # DDP's hooks off for every player: gradients are averaged below
-                        for other in method.players.values():
-                            no_sync.enter_context(accelerator.no_sync(other.module))
-                    with accelerator.autocast():
-                        loss, stats = method.loss(name, batch, it)
-                    loss_value = _to_float(loss)
-                    ok = _all_processes_agree(accelerator, math.isfinite(loss_value))
-                    if ok:
-                        accelerator.backward(loss)
-                if ok:
-                    if name in replicated:
-                        average_gradients(player.module, accelerator.device)
-                    if player.grad_clip is not None:
-                        norm = _to_float(accelerator.clip_grad_norm_(player.module.parameters(), player.grad_clip))
-                        # with fp16 an inf norm is the grad scaler's business (it skips the step itself)
-                        if not math.isfinite(norm) and accelerator.scaler is None:
-                            ok = False
-                if ok:
-                    player.optimizer.step()
-                    if player.lr_scheduler is not None:
-                        player.lr_scheduler.step()
-                    if name in emas:
-                        emas[name].update(accelerator.unwrap_model(player.module), it)
-                    consecutive_bad = 0
-                    latest_loss[name] = loss_value
-                    for key, value in {"loss": loss_value, **stats}.items():
-                        acc = window.setdefault(f"{name}/{key}", [0.0, 0.0])
-                        acc[0] += _to_float(value)
-                        acc[1] += 1.0
-                else:
-                    nonfinite_total += 1
-                    consecutive_bad += 1
-                    warnings.warn(f"iteration {it}: non-finite loss or gradient for {name!r}; update skipped",
-                                  stacklevel=2)
-                # every player's gradients: one player's loss may backpropagate into another's network (DMD2's
-                # generator loss runs through the fake score's encoder), and those must not leak into its next step
-                for other in method.players.values():
-                    other.optimizer.zero_grad(set_to_none=True)
-                if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
-                    raise UserError(
-                        f"training diverged: {consecutive_bad} non-finite losses in a row at iteration {it}; "
-                        f"lower the learning rate (or enable gradient clipping)"
-                    )
 
-            elapsed = elapsed_before + time.perf_counter() - t0
-            if latest_loss:
-                pbar.set_postfix({k: f"{v:.4g}" for k, v in latest_loss.items()}, refresh=False)
-            pbar.update(1)
+def _train_step(run: _Run, it: int) -> None:
+    """Iteration ``it``: reseed, draw this process's share of the batch, update each scheduled player."""
+    cfg, accelerator = run.cfg, run.accelerator
+    # the draws of this iteration: a function of (seed, rank, it) only
+    set_random_seed(cfg.seed, run.rank, it)
+    idx = batch_indices(int(run.x.shape[0]), cfg.batch_size, cfg.seed, it, run.rank, run.world)
+    batch = Batch(run.x[idx], None if run.labels is None else run.labels[idx]).to(accelerator.device)
+    for name in run.method.updates(it):
+        _update(run, name, batch, it)
+    run.elapsed = run.elapsed_before + _now() - run.t0
+    if run.latest_loss:
+        run.pbar.set_postfix({k: f"{v:.4g}" for k, v in run.latest_loss.items()}, refresh=False)
+    run.pbar.update(1)
 
-            # --- log ------------------------------------------------------------------------------------------
-            if step % cfg.log_every == 0 or step == cfg.iterations:
-                row: dict[str, Any] = {"it": step}
-                row.update(_window_means(accelerator, window))
-                for name, player in method.players.items():
-                    row[f"{name}/lr"] = float(player.optimizer.param_groups[0]["lr"])
-                row["nonfinite_skipped"] = nonfinite_total
-                row["seconds"] = round(elapsed, 3)
-                if accelerator.device.type == "cuda":  # the number a GPU recipe's memory column is checked against
-                    row["max_memory_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
-                window = {}
-                last_row = row
-                if replicated:
-                    _warn_if_out_of_sync(method, replicated, accelerator, step, out_of_sync)
-                if main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    for k, v in row.items():
-                        if k not in ("it",):
-                            writer.add_scalar(k, v, step)
-                    if log_fn is not None:
-                        log_fn(row)
 
-            # --- samples --------------------------------------------------------------------------------------
-            if sample_fn is not None and main and not fsdp and (  # FSDP: one grid, after training (below)
-                (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.iterations
-            ):
-                with accelerator.autocast():  # frozen parts may be held in the training dtype
-                    sample_fn(step, run_dir / "samples" / f"step_{step:08d}.png")
+def _update(run: _Run, name: str, batch: Batch, it: int) -> None:
+    """One player's update: loss, backward, gradient averaging and clipping, optimizer, LR schedule and EMA steps; a
+    non-finite loss or gradient norm skips it (on every process alike)."""
+    method, accelerator = run.method, run.accelerator
+    player = method.players[name]
+    with contextlib.ExitStack() as no_sync:
+        if run.manual_sync:  # DDP's hooks off for every player: gradients are averaged below
+            for other in method.players.values():
+                no_sync.enter_context(accelerator.no_sync(other.module))
+        with accelerator.autocast():
+            loss, stats = method.loss(name, batch, it)
+        loss_value = _to_float(loss)
+        ok = _all_processes_agree(accelerator, math.isfinite(loss_value))
+        if ok:
+            accelerator.backward(loss)
+    if ok:
+        if name in run.replicated:
+            average_gradients(player.module, accelerator.device)
+        if player.grad_clip is not None:
+            norm = _to_float(accelerator.clip_grad_norm_(player.module.parameters(), player.grad_clip))
+            # with fp16 an inf norm is the grad scaler's business (it skips the step itself)
+            if not math.isfinite(norm) and accelerator.scaler is None:
+                ok = False
+    if ok:
+        player.optimizer.step()
+        if player.lr_scheduler is not None:
+            player.lr_scheduler.step()
+        if name in run.emas:
+            run.emas[name].update(accelerator.unwrap_model(player.module), it)
+        run.consecutive_bad = 0
+        run.latest_loss[name] = loss_value
+        for key, value in {"loss": loss_value, **stats}.items():
+            acc = run.window.setdefault(f"{name}/{key}", [0.0, 0.0])
+            acc[0] += _to_float(value)
+            acc[1] += 1.0
+    else:
+        run.nonfinite_total += 1
+        run.consecutive_bad += 1
+        warnings.warn(f"iteration {it}: non-finite loss or gradient for {name!r}; update skipped", stacklevel=2)
+    # every player's gradients: one player's loss may backpropagate into another's network (DMD2's generator loss
+    # runs through the fake score's encoder), and those must not leak into its next step
+    for other in method.players.values():
+        other.optimizer.zero_grad(set_to_none=True)
+    if run.consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
+        raise UserError(f"training diverged: {run.consecutive_bad} non-finite losses in a row at iteration {it}; "
+                        f"lower the learning rate (or enable gradient clipping)")
 
-            # --- checkpoint -----------------------------------------------------------------------------------
-            if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-                log_state = {"window": window, "nonfinite_skipped": nonfinite_total,
-                             "consecutive_nonfinite": consecutive_bad}
-                ckpt = _checkpoint(method, emas, accelerator, step, log_state, elapsed, run_config, sharded)
-                if main:
-                    atomic_torch_save(ckpt, checkpoint_path(run_dir, step))
-                    _prune_checkpoints(run_dir, cfg.keep_checkpoints)
-                    writer.flush()
-                accelerator.wait_for_everyone()
-            if crash_at is not None and step == crash_at:
-                os._exit(137)  # the test hook: die like kill -9, no cleanup, no flush
-    finally:
-        pbar.close()
-        if writer is not None:
-            writer.close()
-        if restore_dtypes is not None:  # evaluation and export run outside autocast
-            restore_dtypes([e.module for e in emas.values()])
-    if fsdp:  # sampling, saving and export after training see plain modules with the full weights, on every process
-        for name in skeletons:
-            player = method.players[name]
+
+def _log(run: _Run, step: int, log_fn: Callable[[dict[str, Any]], None] | None) -> None:
+    """One row of means since the last one: ``metrics.jsonl``, TensorBoard and ``log_fn`` (main process)."""
+    accelerator = run.accelerator
+    row: dict[str, Any] = {"it": step}
+    row.update(_window_means(accelerator, run.window))
+    for name, player in run.method.players.items():
+        row[f"{name}/lr"] = float(player.optimizer.param_groups[0]["lr"])
+    row["nonfinite_skipped"] = run.nonfinite_total
+    row["seconds"] = round(run.elapsed, 3)
+    if accelerator.device.type == "cuda":  # the number a GPU recipe's memory column is checked against
+        row["max_memory_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
+    run.window = {}
+    run.last_row = row
+    if run.replicated:
+        _warn_if_out_of_sync(run.method, run.replicated, accelerator, step, run.out_of_sync)
+    if run.main:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "it":
+                run.writer.add_scalar(k, v, step)
+        if log_fn is not None:
+            log_fn(row)
+
+
+def _sample_due(run: _Run, step: int) -> bool:
+    """A sample grid every ``sample_every`` iterations and at the end (main process; FSDP: after training)."""
+    cfg = run.cfg
+    return run.main and not run.fsdp and (bool(cfg.sample_every and step % cfg.sample_every == 0)
+                                          or step == cfg.iterations)
+
+
+def _checkpoint_due(run: _Run, step: int) -> bool:
+    """Every ``checkpoint_every`` iterations, at the end, and once ``checkpoint_minutes`` have passed since the last
+    one. The main process's clock decides for every process (one broadcast a step), so all of them write together."""
+    cfg = run.cfg
+    if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+        return True
+    if cfg.checkpoint_minutes is None:
+        return False
+    due = _now() - run.last_checkpoint_time >= 60.0 * cfg.checkpoint_minutes
+    if run.world > 1:
+        from accelerate.utils import broadcast
+
+        flag = torch.tensor([1.0 if due else 0.0], device=run.accelerator.device)
+        due = bool(broadcast(flag, from_process=0).item() > 0.5)
+    return due
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    """Write ``checkpoints/step_<step>.pt`` atomically (a collective with sharded players) and prune old ones."""
+    log_state = {"window": run.window, "nonfinite_skipped": run.nonfinite_total,
+                 "consecutive_nonfinite": run.consecutive_bad}
+    ckpt = _checkpoint(run.method, run.emas, run.accelerator, step, log_state, run.elapsed, run.run_config,
+                       run.sharded)
+    if run.main:
+        _write_checkpoint(ckpt, checkpoint_path(run.run_dir, step))
+        _prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
+        run.writer.flush()
+    run.accelerator.wait_for_everyone()
+    run.last_checkpoint_time = _now()
+
+
+def _close(run: _Run) -> None:
+    """Close the progress bar and TensorBoard; frozen weights back in their own dtype (also after an error)."""
+    if run.pbar is not None:
+        run.pbar.close()
+    if run.writer is not None:
+        run.writer.close()
+    if run.restore_dtypes is not None:  # evaluation and export run outside autocast
+        run.restore_dtypes([e.module for e in run.emas.values()])
+
+
+def _finish(run: _Run, sample_fn: Callable[[int, Path], None] | None) -> dict[str, Any]:
+    """FSDP: gather each sharded player back into a plain module (and write the last grid). The last logged row."""
+    if run.fsdp:  # sampling, saving and export after training see plain modules with the full weights everywhere
+        for name, skeleton in run.skeletons.items():
+            player = run.method.players[name]
             player.optimizer.state.clear()  # training is over (the state is in the last checkpoint): room for the copy
-            player.module = gather_player(player.module, skeletons[name], accelerator.device)
-            if restore_dtypes is not None:  # its frozen parts were copied in the training dtype
-                restore_dtypes([player.module])
-        if sample_fn is not None and main and start < cfg.iterations:
-            sample_fn(cfg.iterations, run_dir / "samples" / f"step_{cfg.iterations:08d}.png")
-    accelerator.wait_for_everyone()
-    if not last_row:
-        last_row = {"it": start}
-    return last_row
+            player.module = gather_player(player.module, skeleton, run.accelerator.device)
+            if run.restore_dtypes is not None:  # its frozen parts were copied in the training dtype
+                run.restore_dtypes([player.module])
+        iterations = run.cfg.iterations
+        if sample_fn is not None and run.main and run.start < iterations:
+            sample_fn(iterations, run.run_dir / "samples" / f"step_{iterations:08d}.png")
+    run.accelerator.wait_for_everyone()
+    return run.last_row or {"it": run.start}
 
 
 def _checkpoint(
