@@ -20,7 +20,7 @@ from .diffusion.denoiser import Denoiser, guided
 from .diffusion.samplers import SAMPLERS, nfe, sample as run_sampler
 from .errors import UserError
 from .models import load_denoiser
-from .options import MAX_CONTINUOUS_STEPS, MAX_SEED
+from .options import MAX_CONTINUOUS_STEPS, check_cfg_scale, check_seed, whole_number
 
 #: teacher sampling defaults when a caller gives none
 DEFAULT_SAMPLER = "heun"
@@ -121,13 +121,6 @@ def _labels_for(model: Any, n: int, labels: Tensor | list[int] | None) -> Tensor
     return labels
 
 
-def _whole(value: Any) -> bool:
-    try:
-        return not isinstance(value, bool) and int(value) == value
-    except (TypeError, ValueError, OverflowError):  # a string, nan, inf
-        return False
-
-
 def max_steps(schedule: Any) -> int:
     """The most sampling steps ``schedule`` has: its discrete timesteps (DDPM, flow), else ``MAX_CONTINUOUS_STEPS``."""
     return int(getattr(schedule, "num_train_timesteps", None) or MAX_CONTINUOUS_STEPS)
@@ -136,33 +129,14 @@ def max_steps(schedule: Any) -> int:
 def check_steps(steps: Any, schedule: Any = None, flag: str = "--steps") -> int:
     """``steps`` as an int: a whole number of at least 1 and, given the model's ``schedule``, at most its steps
     (:func:`max_steps`); else a one-line :class:`UserError` naming the value and the fix."""
-    if not _whole(steps) or steps < 1:
-        raise UserError(f"{flag} must be a whole number of at least 1, got {steps!r}")
-    if schedule is not None and steps > max_steps(schedule):
-        most = max_steps(schedule)
+    steps = whole_number(steps, flag)
+    most = max_steps(schedule) if schedule is not None else steps
+    if steps > most:
         has = (f"{most} timesteps" if getattr(schedule, "num_train_timesteps", None)
                else f"a continuous time; fewstep takes at most {most} steps")
         raise UserError(f"{flag} {steps} is more than the model's {schedule.kind} schedule has ({has}); "
                         f"pass {flag} {most} or fewer")
-    return int(steps)
-
-
-def check_cfg_scale(scale: Any, flag: str = "--cfg-scale") -> float:
-    """``scale`` as a float: finite and at least 0 (0 = unconditional, 1 = no guidance); else a one-line error."""
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(scale, bool) or not math.isfinite(value) or value < 0:
-        raise UserError(f"{flag} must be a finite number of at least 0 (1 = no guidance), got {scale!r}")
-    return value
-
-
-def check_seed(seed: Any, flag: str = "--seed") -> int:
-    """``seed`` as an int in ``0..MAX_SEED`` (torch's generators take 64-bit seeds); else a one-line error."""
-    if not _whole(seed) or not 0 <= seed <= MAX_SEED:
-        raise UserError(f"{flag} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
-    return int(seed)
+    return steps
 
 
 def available_memory() -> int:
@@ -182,15 +156,14 @@ SAMPLE_COPIES = 3
 def check_sample_count(n: Any, shape: tuple[int, ...], flag: str = "--n") -> int:
     """``n`` as an int: at least 1, and ``n`` samples of ``shape`` (float32, :data:`SAMPLE_COPIES` copies) must fit
     in the memory available now; else a one-line :class:`UserError` with the largest ``n`` that fits."""
-    if not _whole(n) or n < 1:
-        raise UserError(f"{flag} must be a whole number of at least 1, got {n!r}")
+    n = whole_number(n, flag)
     per_sample = math.prod(shape) * 4 * SAMPLE_COPIES
     free = available_memory()
     if n * per_sample > free:
         raise UserError(f"{flag} {n} needs about {n * per_sample / 1e9:,.1f} GB for samples of shape {tuple(shape)} "
                         f"({SAMPLE_COPIES} float32 copies) but {free / 1e9:,.1f} GB of memory is available; pass "
                         f"{flag} {max(1, free // per_sample)} or fewer")
-    return int(n)
+    return n
 
 
 def check_sampling(model: Any, n: Any, steps: Any, sampler: str, cfg_scale: Any, seed: Any,
@@ -233,8 +206,7 @@ def generate(
     from .student import Student
 
     n, steps, cfg_scale, seed = check_sampling(model, n, steps, sampler, cfg_scale, seed)
-    if not _whole(batch_size) or batch_size < 1:
-        raise UserError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    batch_size = whole_number(batch_size, "batch_size")
     is_student = isinstance(model, Student)
     labels = _labels_for(model, n, labels)
     gen = torch.Generator().manual_seed(seed)
@@ -343,8 +315,7 @@ def evaluate(
     shape = image_shape(model)  # latent diffusers models are measured on their decoded images
     # the numbers first: a bad one is reported before any weights, data or sampling
     n, _, cfg_scale, seed = check_sampling(model, n, steps, sampler, cfg_scale, seed, shape=tuple(shape))
-    if not _whole(patch_size) or patch_size < 1:
-        raise UserError(f"--patch-size must be a whole number of at least 1, got {patch_size!r}")
+    patch_size = whole_number(patch_size, "--patch-size")
     want_inception = inception or inception_weights is not None
     want_clip = clip or clip_model is not None
     data = data or model_data(model)
