@@ -8,31 +8,81 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import UserError
+from .methods import METHOD_NAMES
+from .options import (CLASSIFIER, EXPORT_FORMATS, MAX_BATCH_SIZE, MAX_ITERATIONS, MAX_STUDENT_STEPS, SAMPLERS,
+                      TEACHERS, check_cfg_scale, check_seed, whole_number)
+
+# Building the parser imports no torch (fewstep/options.py holds the names it offers): `fewstep --help` answers at once.
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default; an option whose default is None says in its help what it falls back
+    to, and a flag is off unless given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``fewstep: error: ...``) and exit status 2."""
+    """argparse, but a usage error is one line (``fewstep: error: ...``) and exit status 2, and help shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"fewstep: error: {message} (see `{self.prog} --help`)\n")
         sys.exit(2)
 
 
-def _positive_int(name: str):
-    def parse(value: str) -> int:
+def _version() -> str:
+    """The installed distribution's version, else the package's own (a source tree on sys.path)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fewstep")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _argument(check: Any, *args: Any, number: type = int):
+    """An argparse type: ``number(value)`` (the raw string when it does not parse) through ``check(value, *args)``
+    of fewstep/options.py, its UserError as argparse's one-line error."""
+
+    def parse(value: str) -> Any:
         try:
-            v = int(value)
+            parsed: Any = number(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {value!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
-        return v
+            parsed = value
+        try:
+            return check(parsed, *args)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
+
+
+def _positive_int(name: str, most: int | None = None):
+    """An argparse type: a whole number from 1 to ``most``."""
+    return _argument(whole_number, name, 1, most)
+
+
+def _seed(name: str = "--seed"):
+    return _argument(check_seed, name)
+
+
+def _scale(name: str):
+    """An argparse type: a guidance scale, finite and at least 0."""
+    return _argument(check_cfg_scale, name, number=float)
 
 
 def _new_path(value: str) -> Path:
@@ -67,64 +117,80 @@ def _say(*args: Any, **kwargs: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .diffusion.samplers import SAMPLERS
-
     p = _Parser(prog="fewstep", description="Distill diffusion teachers into few-step generators.")
+    p.add_argument("--version", action="version", version=f"fewstep {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    teachers = ", ".join(TEACHERS)
 
     # fewstep teacher train | sample
     teacher = sub.add_parser("teacher", help="train or sample a teacher")
     tsub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
     tt = tsub.add_parser("train", help="train a teacher diffusion model")
-    tt.add_argument("--data", default=None, help="embedded name (digits, grid25, ...), an image folder or a .npy/.csv")
-    tt.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
+    tt.add_argument("--data", default=None, help="embedded name (digits, grid25, ...), an image folder or a .npy/.csv "
+                    "(default: the config's, else digits)")
+    tt.add_argument("--out", required=True, help="run directory (must not exist unless --resume or --restart)")
     tt.add_argument("--config", default=None, help="a YAML TeacherConfig (default: the preset for --data)")
-    tt.add_argument("--iterations", type=_positive_int("--iterations"), default=None)
-    tt.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
-    tt.add_argument("--resolution", type=_positive_int("--resolution"), default=None)
-    tt.add_argument("--seed", type=int, default=None)
-    tt.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    tt.add_argument("--iterations", type=_positive_int("--iterations", MAX_ITERATIONS), default=None,
+                    help="training iterations (default: the config's loop.iterations)")
+    tt.add_argument("--batch-size", type=_positive_int("--batch-size", MAX_BATCH_SIZE), default=None,
+                    help="training batch (default: the config's loop.batch_size)")
+    tt.add_argument("--resolution", type=_positive_int("--resolution"), default=None,
+                    help="image side in pixels (default: the config's, else the data's own)")
+    tt.add_argument("--seed", type=_seed(), default=None, help="seed of every draw (default: the config's loop.seed)")
+    _run_dir_flags(tt)
     tt.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     ts = tsub.add_parser("sample", help="sample a teacher into a PNG grid (or a scatter plot for points)")
     ts.add_argument("--teacher", required=True, help="embedded name, run directory, saved model or diffusers folder")
-    ts.add_argument("--steps", type=_positive_int("--steps"), default=32)
+    ts.add_argument("--steps", type=_positive_int("--steps"), default=32,
+                    help="sampling steps (at most the teacher schedule's timesteps)")
     ts.add_argument("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)}")
-    ts.add_argument("--n", type=_positive_int("--n"), default=64)
-    ts.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--n", type=_positive_int("--n"), default=64, help="samples in the grid")
+    ts.add_argument("--cfg-scale", type=_scale("--cfg-scale"), default=1.0,
+                    help="classifier-free guidance scale (1 = none, 0 = unconditional)")
+    ts.add_argument("--seed", type=_seed(), default=0, help="seed of the initial noise")
     ts.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
     ts.add_argument("--prompt", action="append", default=None,
                     help="text-to-image teachers: a prompt (repeat for more; one image each, --n is ignored)")
 
     # fewstep distill
     di = sub.add_parser("distill", help="distill a teacher into a few-step student")
-    di.add_argument("--method", default="dmd2", help="dmd2, add, lightning or disback")
-    di.add_argument("--base", default=None, help="disback: the score-distillation method it wraps (dmd2 or add)")
-    di.add_argument("--path-cache", default=None, help="disback: a folder where degradation paths are shared")
+    di.add_argument("--method", default=None,
+                    help=f"one of {', '.join(METHOD_NAMES)} (default: the --config's method; with --resume, the "
+                         "run's; else dmd2)")
+    di.add_argument("--base", default=None,
+                    help="disback: the score-distillation method it wraps, dmd2 or add (default: the config's, dmd2)")
+    di.add_argument("--path-cache", default=None,
+                    help="disback: a folder where degradation paths are shared (default: inside --out)")
     di.add_argument("--teacher", default=None,
-                    help="embedded name, teacher run directory or local diffusers folder (default: digits)")
+                    help="embedded name, teacher run directory or local diffusers folder (default: the config's, "
+                         "else digits)")
     di.add_argument("--data", default=None, help="real data (default: the teacher's training data)")
-    di.add_argument("--steps", type=_positive_int("--steps"), default=None, help="student steps, 1..8 (default 1)")
-    di.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
-    di.add_argument("--config", default=None, help="a YAML config of the method (see configs/)")
-    di.add_argument("--iterations", type=_positive_int("--iterations"), default=None)
-    di.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
-    di.add_argument("--seed", type=int, default=None)
-    di.add_argument("--guidance-scale", type=float, default=None, help="CFG scale on the real score")
+    di.add_argument("--steps", type=_positive_int("--steps", MAX_STUDENT_STEPS), default=None,
+                    help=f"student steps, 1..{MAX_STUDENT_STEPS} (default: the config's, 1)")
+    di.add_argument("--out", required=True, help="run directory (must not exist unless --resume or --restart)")
+    di.add_argument("--config", default=None, help="a YAML config of the method (default: the method's defaults; "
+                    "see configs/)")
+    di.add_argument("--iterations", type=_positive_int("--iterations", MAX_ITERATIONS), default=None,
+                    help="training iterations (default: the config's loop.iterations)")
+    di.add_argument("--batch-size", type=_positive_int("--batch-size", MAX_BATCH_SIZE), default=None,
+                    help="training batch (default: the config's loop.batch_size)")
+    di.add_argument("--seed", type=_seed(), default=None, help="seed of every draw (default: the config's loop.seed)")
+    di.add_argument("--guidance-scale", type=_scale("--guidance-scale"), default=None,
+                    help="CFG scale on the teacher's score, at least 1 (default: the config's, 1 = none)")
     di.add_argument("--resolution", type=_positive_int("--resolution"), default=None,
                     help="diffusers teachers: the image side in pixels to distil at (default: the model's own)")
     di.add_argument("--inception-weights", default=None, metavar="FILE",
                     help="images other than digits: Inception FID in report.html with this weights file "
                          "(pt_inception-2015-12-05-6726825d.pth; default $FEWSTEP_INCEPTION_WEIGHTS)")
-    di.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    _run_dir_flags(di)
     di.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
     # fewstep sample
     sa = sub.add_parser("sample", help="sample a distilled student (or a teacher) into a PNG")
     sa.add_argument("--student", required=True, help="a `fewstep distill` run directory (or any --model)")
-    sa.add_argument("--n", type=_positive_int("--n"), default=64)
-    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--n", type=_positive_int("--n"), default=64, help="samples in the grid")
+    sa.add_argument("--seed", type=_seed(), default=0, help="seed of the initial noise")
     sa.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
     sa.add_argument("--prompt", action="append", default=None,
                     help="text-to-image models: a prompt (repeat for more; one image each, --n is ignored)")
@@ -135,51 +201,76 @@ def build_parser() -> argparse.ArgumentParser:
                     help="embedded teacher, teacher or distillation run directory, or a diffusers folder")
     ev.add_argument("--data", default=None, help="reference data (default: the model's training data)")
     ev.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                    help="sampling steps (teachers: default 32; students: their own)")
-    ev.add_argument("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)}")
-    ev.add_argument("--n", type=_positive_int("--n"), default=2000)
-    ev.add_argument("--cfg-scale", type=float, default=1.0)
-    ev.add_argument("--seed", type=int, default=0)
+                    help="sampling steps (default: teachers 32, at most their schedule's timesteps; students their "
+                         "own)")
+    ev.add_argument("--sampler", default="heun", help=f"teachers: one of {', '.join(SAMPLERS)}")
+    ev.add_argument("--n", type=_positive_int("--n"), default=2000, help="samples to draw and measure")
+    ev.add_argument("--cfg-scale", type=_scale("--cfg-scale"), default=1.0,
+                    help="teachers: classifier-free guidance scale (1 = none, 0 = unconditional)")
+    ev.add_argument("--seed", type=_seed(), default=0, help="seed of the initial noise")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--inception", action="store_true",
                     help="add Inception FID (weights: --inception-weights, $FEWSTEP_INCEPTION_WEIGHTS or the cache)")
-    ev.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
+    ev.add_argument("--inception-weights", default=None, metavar="FILE",
+                    help="path of pt_inception-2015-12-05-6726825d.pth (default: $FEWSTEP_INCEPTION_WEIGHTS, else "
+                         "~/.cache/fewstep/)")
     ev.add_argument("--patch-fid", action="store_true",
                     help="add patch FID: Inception FID on full-resolution centre crops (SDXL-Lightning's measure of "
                          "detail; the Inception weights as --inception)")
     ev.add_argument("--patch-size", type=_positive_int("--patch-size"), default=299,
-                    help="side of patch FID's centre crops (default 299, Inception's input size)")
+                    help="side of patch FID's centre crops (299: Inception's input size)")
     ev.add_argument("--clip", nargs="?", const="", default=None, metavar="DIR",
                     help="add CLIP score (text-to-image models; needs --prompts): a transformers CLIP folder, or "
                          "$FEWSTEP_CLIP_MODEL / ~/.cache/fewstep/clip-vit-large-patch14 when no DIR is given")
     ev.add_argument("--prompts", default=None, metavar="FILE",
-                    help="text-to-image models: sample from these prompts (one a line, repeated to --n)")
+                    help="text-to-image models: sample from these prompts (one a line, repeated to --n; default: "
+                         "the empty prompt)")
 
     # fewstep demo
     de = sub.add_parser("demo", help="the embedded default end to end: teacher, samples, evaluation, report")
     de.add_argument("--out", default=None, help="run directory (default: runs/demo, or runs/demo-N if taken)")
     de.add_argument("--n", type=_positive_int("--n"), default=1000, help="samples per evaluation")
-    de.add_argument("--distill-iterations", type=_positive_int("--distill-iterations"), default=1500,
-                    help="DMD2 iterations of the demo's student (default 1500)")
+    de.add_argument("--distill-iterations", type=_positive_int("--distill-iterations", MAX_ITERATIONS), default=1500,
+                    help="DMD2 iterations of the demo's student")
 
     # fewstep export
     ex = sub.add_parser("export", help="export a student of a diffusers teacher: a diffusers pipeline or a LoRA")
     ex.add_argument("--student", required=True, help="the run directory of `fewstep distill`")
-    ex.add_argument("--format", default="diffusers", help="diffusers (a pipeline folder) or lora (LoRA weights for "
-                    "the teacher pipeline)")
+    ex.add_argument("--format", default="diffusers", help=f"one of {', '.join(EXPORT_FORMATS)}: diffusers (a "
+                    "pipeline folder) or lora (LoRA weights for the teacher pipeline)")
     ex.add_argument("--out", required=True, type=_new_path, help="the folder to write (must not exist)")
     ex.add_argument("--rank", type=_positive_int("--rank"), default=64,
-                    help="LoRA rank of the SVD extraction of a full-weight student (--format lora; default 64)")
+                    help="LoRA rank of the SVD extraction of a full-weight student (--format lora)")
 
     # fewstep zoo build | list
     zo = sub.add_parser("zoo", help="list or rebuild the shipped embedded weights")
     zsub = zo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
     zsub.add_parser("list", help="list the shipped weights")
     zb = zsub.add_parser("build", help="retrain one shipped file from its preset (reproduces it)")
-    zb.add_argument("name", help="digits, ring8, grid25, moons, checkerboard, swissroll or digits_classifier")
-    zb.add_argument("--work-dir", default=None, help="run directory for the training (default runs/zoo/NAME)")
-    zb.add_argument("--resume", action="store_true")
+    zb.add_argument("name", help=f"one of {teachers}, {CLASSIFIER}")
+    zb.add_argument("--work-dir", default=None, help="run directory for the training (default: runs/zoo/NAME)")
+    zb.add_argument("--resume", action="store_true", help="continue the training in --work-dir")
     return p
+
+
+def _run_dir_flags(p: argparse.ArgumentParser) -> None:
+    """--checkpoint-every, and --resume / --restart (one or the other) of the training commands."""
+    p.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), default=None, metavar="N",
+                   help="write a checkpoint every N iterations (default: the config's loop.checkpoint_every); one is "
+                        "also written every loop.checkpoint_minutes of wall time (default 10) and at the end")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint that loads, with its config.yaml as "
+                        "the config unless --config is given; refused when the options differ from the run's "
+                        "(except a longer --iterations and the logging/checkpoint fields)")
+    g.add_argument("--restart", action="store_true",
+                   help="start over in an existing --out: its contents are first moved aside to "
+                        "OUT.before-restart-<UTC time> (nothing is deleted)")
+
+
+def _exists_error(out: Path) -> UserError:
+    return UserError(f"{out} already exists; pass --resume to continue it, --restart to move it aside and start "
+                     f"over, or choose a new --out")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,10 +281,11 @@ def _cmd_teacher_train(a: argparse.Namespace) -> None:
     from .zoo import PRESETS
 
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()) and not a.resume:
-        raise UserError(f"{out} already exists; pass --resume to continue it or choose a new --out")
-    if a.config:
-        cfg = load_config(a.config, TeacherConfig)
+    if out.is_dir() and any(out.iterdir()) and not (a.resume or a.restart):
+        raise _exists_error(out)
+    config = a.config or (out / "config.yaml" if a.resume and (out / "config.yaml").is_file() else None)
+    if config:  # on resume without --config: the run's own resolved config
+        cfg = load_config(config, TeacherConfig)
         if a.data:
             cfg = cfg.model_copy(update={"data": a.data})
     else:
@@ -201,8 +293,8 @@ def _cmd_teacher_train(a: argparse.Namespace) -> None:
         base = dict(PRESETS.get(data, {"data": data})) if data in EMBEDDED_DATA else {"data": data}
         base["data"] = data
         cfg = validate_config(TeacherConfig, base, "preset")
-    loop_updates = {k: v for k, v in (("iterations", a.iterations), ("batch_size", a.batch_size), ("seed", a.seed))
-                    if v is not None}
+    loop_updates = {k: v for k, v in (("iterations", a.iterations), ("batch_size", a.batch_size), ("seed", a.seed),
+                                      ("checkpoint_every", a.checkpoint_every)) if v is not None}
     cfg = cfg.model_copy(update={"loop": cfg.loop.model_copy(update=loop_updates)})
     if a.resolution is not None:
         cfg = cfg.model_copy(update={"resolution": a.resolution})
@@ -212,7 +304,7 @@ def _cmd_teacher_train(a: argparse.Namespace) -> None:
 
         _say(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return
-    model = train_teacher(cfg, out, resume=a.resume, sample_fn=teacher_sample_writer(cfg.data))
+    model = train_teacher(cfg, out, resume=a.resume, restart=a.restart, sample_fn=teacher_sample_writer(cfg.data))
     _say(f"teacher written to {model}.safetensors")
 
 
@@ -256,14 +348,17 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_distill(a: argparse.Namespace) -> None:
-    from .distillation import METHODS, distill, make_config
+    from .distillation import METHODS, config_method, distill, make_config, resume_config
 
-    _check_choice(a.method, tuple(METHODS), "method")
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()) and not a.resume:
-        raise UserError(f"{out} already exists; pass --resume to continue it or choose a new --out")
+    if out.is_dir() and any(out.iterdir()) and not (a.resume or a.restart):
+        raise _exists_error(out)
+    config = resume_config(out, a.config, a.resume)  # on resume without --config: the run's own config.yaml
+    a.method = a.method or config_method(config) or "dmd2"
+    _check_choice(a.method, tuple(METHODS), "method")
     options = dict(teacher=a.teacher, data=a.data, steps=a.steps, iterations=a.iterations, batch_size=a.batch_size,
-                   seed=a.seed, guidance_scale=a.guidance_scale, resolution=a.resolution)
+                   seed=a.seed, guidance_scale=a.guidance_scale, resolution=a.resolution,
+                   checkpoint_every=a.checkpoint_every)
     if a.method == "disback":
         _check_choice(a.base or "dmd2", ("dmd2", "add"), "--base")
         options.update(base=a.base, path_dir=a.path_cache)
@@ -272,11 +367,11 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     if a.dry_run:
         import yaml
 
-        cfg = make_config(a.method, a.config, **options)
+        cfg = make_config(a.method, config, **options)
         _say(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return
-    distill(method=a.method, out=out, config=a.config, resume=a.resume, inception_weights=a.inception_weights,
-            **options)
+    distill(method=a.method, out=out, config=config, resume=a.resume, restart=a.restart,
+            inception_weights=a.inception_weights, **options)
     report = f"; report: {out / 'report.html'}" if (out / "report.html").is_file() else ""
     _say(f"student written to {out / 'student.safetensors'}{report}")
 
@@ -344,7 +439,19 @@ def _cmd_export(a: argparse.Namespace) -> None:
     _say(f"{a.format} export written to {out}")
 
 
+_python_warning_format = warnings.formatwarning
+
+
+def _one_line_warning(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """fewstep's own warnings as one line (``fewstep: warning: ...``); other libraries' keep Python's format."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        text = str(message).strip()
+        return f"fewstep: warning: {text.splitlines()[0] if text else category.__name__}\n"
+    return _python_warning_format(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     a = parser.parse_args(argv)
     handlers = {"eval": _cmd_eval, "demo": _cmd_demo, "zoo": _cmd_zoo, "distill": _cmd_distill,
