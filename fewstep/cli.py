@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -38,6 +39,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = re.sub(r"^argument (\S+): \1 ", r"\1 ", message)  # "argument --n: --n must ..." -> "--n must ..."
         sys.stderr.write(f"fewstep: error: {message} (see `{self.prog} --help`)\n")
         sys.exit(2)
 
@@ -309,14 +311,16 @@ def _cmd_teacher_train(a: argparse.Namespace) -> None:
 
 
 def _cmd_teacher_sample(a: argparse.Namespace) -> None:
-    from .api import generate, load_teacher, model_data
-    from .eval.images import save_samples
-    from .diffusion.samplers import SAMPLERS
+    from .api import check_sampling, generate, load_teacher, model_data
+    from .eval.images import check_picture, save_samples
 
     _check_choice(a.sampler, SAMPLERS, "sampler")
-    from .models.hf import decode_samples, generate_images
+    from .models.hf import decode_samples, generate_images, image_shape
 
     teacher = load_teacher(a.teacher)
+    n, shape = len(a.prompt) if a.prompt else a.n, tuple(image_shape(teacher))
+    check_sampling(teacher, n, a.steps, a.sampler, a.cfg_scale, a.seed, shape=shape)  # before any sampling
+    check_picture(n, shape)
     if a.prompt:
         images = generate_images(teacher, a.prompt, seed=a.seed, steps=a.steps, sampler=a.sampler,
                                  cfg_scale=a.cfg_scale)
@@ -330,7 +334,6 @@ def _cmd_teacher_sample(a: argparse.Namespace) -> None:
 
 def _cmd_eval(a: argparse.Namespace) -> None:
     from .api import evaluate, load_model
-    from .diffusion.samplers import SAMPLERS
 
     _check_choice(a.sampler, SAMPLERS, "sampler")
     model = load_model(a.model)
@@ -378,11 +381,12 @@ def _cmd_distill(a: argparse.Namespace) -> None:
 
 def _cmd_sample(a: argparse.Namespace) -> None:
     from .api import generate, load_model, model_data
-    from .eval.images import save_samples
+    from .eval.images import check_picture, save_samples
 
-    from .models.hf import decode_samples, generate_images
+    from .models.hf import decode_samples, generate_images, image_shape
 
     model = load_model(a.student)
+    check_picture(len(a.prompt) if a.prompt else a.n, tuple(image_shape(model)))  # before any sampling
     if a.prompt:
         save_samples(generate_images(model, a.prompt, seed=a.seed), a.out)
         _say(f"{len(a.prompt)} images written to {a.out}")

@@ -16,10 +16,49 @@ from ..errors import UserError
 from ..io import atomic_write_bytes
 
 MIN_TILE_PX = 48  # an 8x8 digit is upscaled 6x so it can be seen
+GRID_ROW = 10  # images per row of save_samples' grids
+#: the most pixels a grid may have: Pillow's limit for opening an image (Image.MAX_IMAGE_PIXELS, its guard against
+#: decompression bombs), so that every grid written can be read back
+MAX_GRID_PIXELS = 89_478_485
+#: the most points a scatter plot draws: more is one blot, and takes minutes to render
+MAX_PLOT_POINTS = 1_000_000
 
 
 def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
+
+
+def grid_size(n: int, h: int, w: int, nrow: int | None = None, scale: int | None = None) -> tuple[int, int]:
+    """``(height, width)`` in pixels of :func:`save_grid`'s grid of ``n`` ``h x w`` images."""
+    return _grid_layout(n, h, w, nrow, scale)[:2]
+
+
+def _grid_layout(n: int, h: int, w: int, nrow: int | None, scale: int | None) -> tuple[int, int, int, int, int]:
+    """Height, width, images per row, upscaling factor and gutter of a grid (see :func:`save_grid`)."""
+    nrow = nrow or math.ceil(math.sqrt(n))
+    scale = scale or max(1, math.ceil(MIN_TILE_PX / min(h, w)))
+    pad = 2  # grey gutter between tiles, in output pixels
+    rows = math.ceil(n / nrow)
+    return rows * (h * scale + pad) + pad, nrow * (w * scale + pad) + pad, nrow, scale, pad
+
+
+def check_picture(n: int, sample_shape: tuple[int, ...], flag: str = "--n") -> None:
+    """Refuse in one line a picture of ``n`` samples that :func:`save_samples` should not make: a grid of more than
+    :data:`MAX_GRID_PIXELS` pixels, or a scatter plot of more than :data:`MAX_PLOT_POINTS` points. Call it before
+    sampling."""
+    if len(sample_shape) != 3:
+        if n > MAX_PLOT_POINTS:
+            raise UserError(f"{flag} {n} points make one blot of a scatter plot; a plot draws at most "
+                            f"{MAX_PLOT_POINTS:,}: pass {flag} {MAX_PLOT_POINTS} or fewer (fewstep eval measures more)")
+        return
+    h, w = sample_shape[-2:]
+    height, width = grid_size(n, h, w, GRID_ROW)
+    if height * width > MAX_GRID_PIXELS:
+        one, two = grid_size(GRID_ROW, h, w, GRID_ROW)[0], grid_size(2 * GRID_ROW, h, w, GRID_ROW)[0]
+        most = (MAX_GRID_PIXELS // width - (2 * one - two)) // (two - one) * GRID_ROW
+        raise UserError(f"{flag} {n} makes a {width:,} x {height:,} pixel grid ({height * width / 1e6:,.0f} "
+                        f"megapixels); a PNG grid holds at most {MAX_GRID_PIXELS / 1e6:.1f} megapixels (Pillow's "
+                        f"limit for reading one back), {most:,} of these samples: pass {flag} {most} or fewer")
 
 
 def save_grid(
@@ -39,12 +78,9 @@ def save_grid(
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
         raise UserError(f"save_grid takes images (N, 1 or 3, H, W) with N >= 1, got shape {x.shape}")
     n, c, h, w = x.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    scale = scale or max(1, math.ceil(MIN_TILE_PX / min(h, w)))
-    rows = math.ceil(n / nrow)
-    pad = 2  # grey gutter between tiles, in output pixels
+    height, width, nrow, scale, pad = _grid_layout(n, h, w, nrow, scale)
     th, tw = h * scale, w * scale
-    canvas = np.full((rows * (th + pad) + pad, nrow * (tw + pad) + pad, c), 128, dtype=np.uint8)
+    canvas = np.full((height, width, c), 128, dtype=np.uint8)
     tiles = ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)  # NHWC
     tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
     for i, tile in enumerate(tiles):
@@ -147,7 +183,7 @@ def save_samples(
 ) -> Path:
     """Images as a grid (10 per row), points as a scatter over the held-out split of ``data`` when given."""
     if np.ndim(x) == 4:
-        return save_grid(x, path, nrow=10)
+        return save_grid(x, path, nrow=GRID_ROW)
     reference = None
     if data:
         from ..data import load_data
