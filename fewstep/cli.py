@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--seed", type=_seed(), default=0, help="seed of the initial noise")
     ts.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
     ts.add_argument("--prompt", action="append", default=None,
-                    help="text-to-image teachers: a prompt (repeat for more; one image each, --n is ignored)")
+                    help="text-to-image teachers: a prompt (repeat for more; one image each, --n is ignored; default: "
+                         "--n images on the empty prompt)")
 
     # fewstep distill
     di = sub.add_parser("distill", help="distill a teacher into a few-step student")
@@ -195,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=_seed(), default=0, help="seed of the initial noise")
     sa.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
     sa.add_argument("--prompt", action="append", default=None,
-                    help="text-to-image models: a prompt (repeat for more; one image each, --n is ignored)")
+                    help="text-to-image models: a prompt (repeat for more; one image each, --n is ignored; default: "
+                         "--n images on the empty prompt)")
 
     # fewstep eval
     ev = sub.add_parser("eval", help="sample a model and measure it against held-out data")
@@ -222,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--patch-size", type=_positive_int("--patch-size"), default=299,
                     help="side of patch FID's centre crops (299: Inception's input size)")
     ev.add_argument("--clip", nargs="?", const="", default=None, metavar="DIR",
-                    help="add CLIP score (text-to-image models; needs --prompts): a transformers CLIP folder, or "
-                         "$FEWSTEP_CLIP_MODEL / ~/.cache/fewstep/clip-vit-large-patch14 when no DIR is given")
+                    help="add CLIP score (text-to-image models; needs --prompts) with this transformers CLIP folder "
+                         "(default when no DIR is given: $FEWSTEP_CLIP_MODEL, else "
+                         "~/.cache/fewstep/clip-vit-large-patch14)")
     ev.add_argument("--prompts", default=None, metavar="FILE",
                     help="text-to-image models: sample from these prompts (one a line, repeated to --n; default: "
                          "the empty prompt)")
