@@ -20,13 +20,15 @@ from .methods import METHOD_NAMES as METHODS, registry
 
 
 def make_config(
-    method: str = "dmd2",
+    method: str | None = "dmd2",
     config: str | Path | dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Any:
     """The resolved config of a distillation run: the method's defaults, then ``config`` (YAML path or dict), then
     ``overrides`` (``None`` values are ignored; loop options such as ``iterations``/``seed``/``batch_size`` go to
-    ``loop``)."""
+    ``loop``). ``method=None``: the config's own method, else ``dmd2``."""
+    if method is None:
+        method = config_method(config) or "dmd2"
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     cls = registry()[method][0]
@@ -56,6 +58,30 @@ def make_config(
     if loop:
         data["loop"] = {**cls.model_fields["loop"].default_factory().model_dump(), **loop}
     return validate_config(cls, data, "config")
+
+
+def config_method(config: str | Path | dict[str, Any] | None) -> str | None:
+    """The ``method`` a config names (None when it names none, or cannot be read: :func:`make_config` says why)."""
+    if isinstance(config, dict):
+        data: Any = config
+    elif config is None:
+        return None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+    value = data.get("method") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def resume_config(out: str | Path, config: str | Path | dict[str, Any] | None, resume: bool) -> Any:
+    """The config a run starts from: ``config``; on resume without one, the run's own ``config.yaml`` (not the
+    defaults; options given still apply on top, and the checkpoint's config is compared with the result)."""
+    own = Path(out) / "config.yaml"
+    return own if resume and config is None and own.is_file() else config
 
 
 def _resolution_field(cls: Any, data: dict[str, Any], overrides: dict[str, Any]) -> str | None:
@@ -141,11 +167,12 @@ def prepare_data(teacher: Any, data_name: str) -> Any:
 
 def distill(
     teacher: str | None = None,
-    method: str = "dmd2",
+    method: str | None = "dmd2",
     steps: int | None = None,
     out: str | Path = "runs/distill",
     config: str | Path | dict[str, Any] | None = None,
     resume: bool = False,
+    restart: bool = False,
     evaluate_n: int = 1000,
     inception_weights: str | Path | None = None,
     **overrides: Any,
@@ -157,11 +184,15 @@ def distill(
             (default: the config's, else ``digits``; a diffusers teacher needs ``data``: an image folder, with
             captions for text-to-image teachers).
         method: ``dmd2``, ``add``, ``lightning`` or ``disback`` (which wraps ``dmd2`` or ``add``; see its config's
-            ``base``).
+            ``base``); None: the config's own (on resume, the run's), else ``dmd2``.
         steps: student sampling steps (1..8).
-        out: the run directory (must not exist unless ``resume``).
-        config: a YAML file or dict of the method's config (see ``configs/``).
-        resume: continue the run in ``out`` from its newest checkpoint.
+        out: the run directory (must not exist unless ``resume`` or ``restart``).
+        config: a YAML file or dict of the method's config (see ``configs/``); on resume, default: ``out/config.yaml``.
+        resume: continue the run in ``out`` from its newest checkpoint that loads; refused when there is none or
+            when the resolved config differs from the checkpoint's (beyond a longer ``iterations`` and
+            ``fewstep.train.loop.SAFE_TO_CHANGE_ON_RESUME``).
+        restart: move an existing ``out`` aside (to ``<out>.before-restart-<UTC time>``; nothing is deleted) once
+            the options are checked, and start a new run there.
         evaluate_n: samples for the final evaluation in ``eval.json`` and the report (0: skip).
         inception_weights: the Inception weights file (default ``$FEWSTEP_INCEPTION_WEIGHTS``): images other than
             digits (a diffusers teacher's, an image folder's) get Inception FID in the report; without it the report
@@ -172,11 +203,12 @@ def distill(
         The student (also saved as ``out/student.safetensors``).
     """
     from .api import load_teacher, model_data
-    from .train.loop import check_run_dir, train
+    from .train.loop import check_run_dir, set_aside, train
 
     out = Path(out)
-    cfg = make_config(method, config, teacher=teacher, steps=steps, **overrides)
-    check_run_dir(out, resume)
+    cfg = make_config(method, resume_config(out, config, resume), teacher=teacher, steps=steps, **overrides)
+    method = cfg.method
+    check_run_dir(out, resume, restart)
     if inception_weights is not None and evaluate_n > 0:  # a wrong path is reported now, not after training
         from .eval.inception import resolve_weights_path
 
@@ -203,6 +235,8 @@ def distill(
         return Student(method_obj.inference_model(), method_obj.timesteps)
 
     sample_fn = _sample_writer(student_of, data_name)
+    if restart:  # everything is checked: only now is the earlier run moved aside
+        set_aside(out)
     train(method_obj, dataset, cfg.loop, out, resume=resume, sample_fn=sample_fn, config=cfg)
 
     from accelerate import PartialState

@@ -151,12 +151,17 @@ def _as_tuple(x: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # Run directory, checkpoints, metrics
 # ----------------------------------------------------------------------------------------------------------------
-def check_run_dir(run_dir: str | Path, resume: bool) -> None:
-    """A run directory is never overwritten: without ``resume`` it must be new or empty; with it, it must hold a
-    checkpoint (whether one loads is checked when the run restores it)."""
+def check_run_dir(run_dir: str | Path, resume: bool, restart: bool = False) -> None:
+    """A run directory is never overwritten: without ``resume`` it must be new or empty (or, with ``restart``, about
+    to be moved aside by :func:`set_aside`); with it, it must hold a checkpoint (whether one loads is checked when
+    the run restores it)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a directory; choose a new --out")
+    if resume and restart:
+        raise UserError("--resume and --restart exclude each other; pass one")
+    if restart:
+        return
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} exists; pass --resume to continue it, --restart to move it aside and start over, "
                         f"or choose a new --out")

@@ -13,7 +13,7 @@ from ..diffusion.schedule import schedule_from_config
 from ..errors import UserError
 from ..methods.base import Batch, Method, Player
 from ..models import build_network, save_denoiser
-from .loop import check_run_dir, train
+from .loop import check_run_dir, set_aside, train
 
 
 class DenoisingObjective(nn.Module):
@@ -169,22 +169,26 @@ def train_teacher(
     resume: bool = False,
     dataset: Any = None,
     sample_fn: Callable[[Denoiser, Path], None] | None = None,
+    restart: bool = False,
 ) -> Path:
     """Train a teacher and save its EMA denoiser as ``out_dir/model.safetensors`` + ``out_dir/model.json``.
 
     Args:
         cfg: the teacher config (unresolved parts are filled in from the data).
-        out_dir: the run directory (new or empty unless ``resume``).
-        resume: continue the run in ``out_dir`` from its newest checkpoint.
+        out_dir: the run directory (new or empty unless ``resume`` or ``restart``).
+        resume: continue the run in ``out_dir`` from its newest checkpoint that loads; refused when there is none
+            or when ``cfg`` (resolved) differs from the checkpoint's (see :func:`fewstep.train.loop.train`).
         dataset: the training data (default: ``fewstep.data.load_data(cfg.data, "train", cfg.resolution)``).
         sample_fn: ``sample_fn(ema_denoiser, path)`` writes a sample grid; called every ``loop.sample_every``
             iterations and at the end.
+        restart: move an existing ``out_dir`` aside (``<out_dir>.before-restart-<UTC time>``; nothing is deleted)
+            once the data and config are checked, and start a new run there.
 
     Returns:
         The saved model's path prefix ``out_dir/"model"`` (for :func:`fewstep.models.load_denoiser`).
     """
     out_dir = Path(out_dir)
-    check_run_dir(out_dir, resume)  # before loading data: fail fast
+    check_run_dir(out_dir, resume, restart)  # before loading data: fail fast
     if dataset is None:
         from ..data import load_data
 
@@ -201,6 +205,8 @@ def train_teacher(
         def loop_sample_fn(step: int, path: Path) -> None:
             sample_fn(method.inference_model(), path)
 
+    if restart:
+        set_aside(out_dir)
     train(method, dataset, cfg.loop, out_dir, resume=resume, sample_fn=loop_sample_fn, config=cfg)
 
     from accelerate import PartialState
