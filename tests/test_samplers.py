@@ -327,9 +327,16 @@ def test_denoising_loss_zero_at_the_target(schedule, prediction):
     assert loss.shape == (4,)
     assert_close(loss, torch.zeros(4), rtol=0, atol=1e-10)
     off = Denoiser(Oracle(0.1), schedule, prediction, (2,)).denoising_loss(x0, t, eps)
-    assert_close(off, torch.full((4,), 0.01), rtol=1e-4, atol=0)
-    # and the exact network denoises exactly
-    assert_close(exact(schedule.add_noise(x0, eps, t), t), x0, rtol=1e-4, atol=1e-4)
+    # (target + 0.1) - target rounds at a few ulps of |target|, relative to 0.1; squaring doubles the relative error
+    rel = 2 * 4 * torch.finfo(torch.float32).eps * (1 + float(target.abs().max()) / 0.1)
+    assert_close(off, torch.full((4,), 0.01), rtol=rel, atol=0)
+    # and the exact network denoises exactly, up to the rounding of x0 = c1 x_t + c2 F, which the conversion amplifies
+    # by |c1|, |c2| <= (1 + sigma) / alpha (epsilon: 1/alpha and sigma/alpha, ~25 at t = 795): 4 ulps of that
+    x_t = schedule.add_noise(x0, eps, t)
+    a, s = schedule.alpha_sigma(t)
+    amp = float(((1 + s) / a).max())
+    atol = 4 * torch.finfo(torch.float32).eps * amp * float(x_t.abs().max() + target.abs().max())
+    assert_close(exact(x_t, t), x0, rtol=0, atol=atol)
 
 
 def test_denoiser_rejects_unknown_prediction_type():
