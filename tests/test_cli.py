@@ -227,6 +227,7 @@ CONFIG_CASES = [
     ("dmd2", "loop:\n  iterations: 2000000000\n", ["loop.iterations", "less than or equal to 1000000000"]),
     ("disback", "loop:\n  batch_size: 0\n", ["loop.batch_size", "got 0"]),
     ("disback", "dmd2:\n  guidance_scale: .inf\n", ["dmd2.guidance_scale", "finite"]),
+    ("add", "steps: 8\n", ["steps 8 is more than student_times 4", "--steps 4 or fewer"]),  # times ADD never trains
     # checked against the teacher's schedule right after it loads, before the data or any training
     ("lightning", "teacher_steps: 2048\n", ["teacher_steps 2048 is more than", "1000 timesteps", "1000 or fewer"]),
 ]

@@ -157,6 +157,10 @@ class ADDConfig(BaseModel):
     def _something_to_train(self) -> "ADDConfig":
         if not self.adversarial and self.distill_weight == 0:
             raise ValueError("adversarial: false with distill_weight: 0 leaves the student no loss; enable one")
+        if self.steps > self.student_times:
+            raise ValueError(f"steps {self.steps} is more than student_times {self.student_times}, the times ADD "
+                             f"trains the student at; set student_times: {self.steps}, or pass --steps "
+                             f"{self.student_times} or fewer")
         lo, hi = self.distill_t_range
         if not 0 <= lo < hi <= 1:
             raise ValueError(f"distill_t_range must satisfy 0 <= lo < hi <= 1, got {self.distill_t_range}")
