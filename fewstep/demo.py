@@ -44,16 +44,17 @@ def run_demo(out: Path, n: int = 1000, seed: int = 0, distill_iterations: int = 
         seed: sampling seed.
         distill_iterations: DMD2 iterations (default: the same budget as `fewstep distill`).
     """
-    from .api import generate
+    from .api import check_sample_count, generate
     from .data import load_data
     from .eval.evaluate import evaluate_samples
     from .eval.images import plot_curves, save_grid
     from .eval.report import write_report
 
     out = Path(out)
+    test = load_data("digits", "test")
+    check_sample_count(n, tuple(test.sample_shape))  # before anything is made
     out.mkdir(parents=True)
     teacher = _teacher(out)
-    test = load_data("digits", "test")
     rows: list[dict[str, Any]] = []
     images: list[tuple[str, str]] = []
     for sampler, steps in tqdm(TEACHER_SETTINGS, desc="teacher", unit="setting"):

@@ -174,6 +174,7 @@ CHECKED_CASES = [
     (["teacher", "sample", "--teacher", "grid25", "--n", "10000000", "--out", "{out}/g.png"],
      ["--n 10000000", "scatter plot", "--n 1000000 or fewer"]),
     (["eval", "--model", "digits", "--n", str(10**13)], ["--n 10000000000000", "GB", "memory is available"]),
+    (["demo", "--n", str(10**13), "--out", "{out}/demo"], ["--n 10000000000000", "memory is available"]),
 ]
 
 
