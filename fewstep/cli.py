@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import warnings
@@ -15,8 +16,8 @@ from typing import Any, Sequence
 
 from .errors import UserError
 from .methods import METHOD_NAMES
-from .options import (CLASSIFIER, EXPORT_FORMATS, MAX_BATCH_SIZE, MAX_ITERATIONS, MAX_STUDENT_STEPS, SAMPLERS,
-                      TEACHERS, check_cfg_scale, check_seed, whole_number)
+from .options import (CLASSIFIER, EXPORT_FORMATS, MAX_BATCH_SIZE, MAX_ITERATIONS, MAX_RESOLUTION, MAX_STUDENT_STEPS,
+                      SAMPLERS, TEACHERS, check_cfg_scale, check_seed, whole_number)
 
 # Building the parser imports no torch (fewstep/options.py holds the names it offers): `fewstep --help` answers at once.
 
@@ -88,10 +89,24 @@ def _scale(name: str):
 
 
 def _new_path(value: str) -> Path:
+    """``--out`` that does not exist yet, in a place where it can be written (checked now, not after the work)."""
+    from .io import check_writable
+
     p = Path(value)
     if p.exists():
         raise argparse.ArgumentTypeError(f"{p} already exists; choose a new --out (results are never overwritten)")
-    return p
+    try:
+        return check_writable(p)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _new_picture(value: str) -> Path:
+    """``sample``'s ``--out``: a new picture file (its suffix picks the format), or a folder (``DIR/``, or a ``DIR``
+    that exists) to write ``DIR/samples.png`` into."""
+    if value.endswith(("/", os.sep)) or Path(value).is_dir():
+        value = str(Path(value) / "samples.png")
+    return _new_path(value)
 
 
 def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
@@ -136,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training iterations (default: the config's loop.iterations)")
     tt.add_argument("--batch-size", type=_positive_int("--batch-size", MAX_BATCH_SIZE), default=None,
                     help="training batch (default: the config's loop.batch_size)")
-    tt.add_argument("--resolution", type=_positive_int("--resolution"), default=None,
+    tt.add_argument("--resolution", type=_positive_int("--resolution", MAX_RESOLUTION), default=None,
                     help="image side in pixels (default: the config's, else the data's own)")
     tt.add_argument("--seed", type=_seed(), default=None, help="seed of every draw (default: the config's loop.seed)")
     _run_dir_flags(tt)
@@ -151,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--cfg-scale", type=_scale("--cfg-scale"), default=1.0,
                     help="classifier-free guidance scale (1 = none, 0 = unconditional)")
     ts.add_argument("--seed", type=_seed(), default=0, help="seed of the initial noise")
-    ts.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
+    ts.add_argument("--out", type=_new_picture, required=True,
+                    help="picture to write (must not exist): .png, .jpg, .webp or .pdf (points also .svg); or a "
+                         "folder DIR/ for DIR/samples.png")
     ts.add_argument("--prompt", action="append", default=None,
                     help="text-to-image teachers: a prompt (repeat for more; one image each, --n is ignored; default: "
                          "--n images on the empty prompt)")
@@ -181,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--seed", type=_seed(), default=None, help="seed of every draw (default: the config's loop.seed)")
     di.add_argument("--guidance-scale", type=_scale("--guidance-scale"), default=None,
                     help="CFG scale on the teacher's score, at least 1 (default: the config's, 1 = none)")
-    di.add_argument("--resolution", type=_positive_int("--resolution"), default=None,
+    di.add_argument("--resolution", type=_positive_int("--resolution", MAX_RESOLUTION), default=None,
                     help="diffusers teachers: the image side in pixels to distil at (default: the model's own)")
     di.add_argument("--inception-weights", default=None, metavar="FILE",
                     help="images other than digits: Inception FID in report.html with this weights file "
@@ -194,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--student", required=True, help="a `fewstep distill` run directory (or any --model)")
     sa.add_argument("--n", type=_positive_int("--n"), default=64, help="samples in the grid")
     sa.add_argument("--seed", type=_seed(), default=0, help="seed of the initial noise")
-    sa.add_argument("--out", type=_new_path, required=True, help="PNG file to write (must not exist)")
+    sa.add_argument("--out", type=_new_picture, required=True,
+                    help="picture to write (must not exist): .png, .jpg, .webp or .pdf (points also .svg); or a "
+                         "folder DIR/ for DIR/samples.png")
     sa.add_argument("--prompt", action="append", default=None,
                     help="text-to-image models: a prompt (repeat for more; one image each, --n is ignored; default: "
                          "--n images on the empty prompt)")
@@ -315,7 +334,7 @@ def _cmd_teacher_train(a: argparse.Namespace) -> None:
 
 def _cmd_teacher_sample(a: argparse.Namespace) -> None:
     from .api import check_sampling, generate, load_teacher, model_data
-    from .eval.images import check_picture, save_samples
+    from .eval.images import check_output, check_picture, save_samples
 
     _check_choice(a.sampler, SAMPLERS, "sampler")
     from .models.hf import decode_samples, generate_images, image_shape
@@ -324,6 +343,7 @@ def _cmd_teacher_sample(a: argparse.Namespace) -> None:
     n, shape = len(a.prompt) if a.prompt else a.n, tuple(image_shape(teacher))
     check_sampling(teacher, n, a.steps, a.sampler, a.cfg_scale, a.seed, shape=shape)  # before any sampling
     check_picture(n, shape)
+    check_output(a.out, shape, n)
     if a.prompt:
         images = generate_images(teacher, a.prompt, seed=a.seed, steps=a.steps, sampler=a.sampler,
                                  cfg_scale=a.cfg_scale)
@@ -384,12 +404,14 @@ def _cmd_distill(a: argparse.Namespace) -> None:
 
 def _cmd_sample(a: argparse.Namespace) -> None:
     from .api import generate, load_model, model_data
-    from .eval.images import check_picture, save_samples
+    from .eval.images import check_output, check_picture, save_samples
 
     from .models.hf import decode_samples, generate_images, image_shape
 
     model = load_model(a.student)
-    check_picture(len(a.prompt) if a.prompt else a.n, tuple(image_shape(model)))  # before any sampling
+    n, shape = len(a.prompt) if a.prompt else a.n, tuple(image_shape(model))
+    check_picture(n, shape)  # before any sampling
+    check_output(a.out, shape, n)
     if a.prompt:
         save_samples(generate_images(model, a.prompt, seed=a.seed), a.out)
         _say(f"{len(a.prompt)} images written to {a.out}")
@@ -474,6 +496,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentTypeError as e:
         sys.stderr.write(f"fewstep: error: {e}\n")
         return 2
+    except OSError as e:  # a file-system fault outside fewstep's writers (those raise UserError themselves)
+        from .io import USER_ERRNOS
+
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"fewstep: error: {where}{e.strerror or e}; check the path, its permissions and the free "
+                         "space, then run again (a training run resumes with --resume)\n")
+        return 2 if e.errno in USER_ERRNOS else 1
     except KeyboardInterrupt:
         sys.stderr.write("fewstep: interrupted; resume a training run with --resume\n")
         return 130

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 from .io import atomic_write_text
-from .options import MAX_BATCH_SIZE, MAX_ITERATIONS, MAX_LR, MAX_SEED, MAX_STUDENT_STEPS
+from .options import MAX_BATCH_SIZE, MAX_ITERATIONS, MAX_LR, MAX_RESOLUTION, MAX_SEED, MAX_STUDENT_STEPS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -78,7 +78,7 @@ class TeacherConfig(BaseModel):
 
     data: str = Field("digits", description="Embedded data name (digits, grid25, ...), an image folder or a point file.")
     resolution: int | None = Field(
-        None, ge=1, description="Image side length (None = the data's own; digits: 8 or 16). Ignored for points."
+        None, ge=1, le=MAX_RESOLUTION, description="Image side length (None = the data's own; digits: 8 or 16). Ignored for points."
     )
     network: dict[str, Any] | None = Field(
         None,
@@ -129,7 +129,7 @@ class DMD2Config(BaseModel):
     teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
     data: str | None = Field(None, description="Real data for the GAN head (default: the teacher's training data).")
     steps: int = Field(1, ge=1, le=MAX_STUDENT_STEPS, description="Student sampling steps (timesteps: trailing spacing, e.g. 999 749 499 249).")
-    resolution: int | None = Field(None, ge=1, description=RESOLUTION_DESCRIPTION)
+    resolution: int | None = Field(None, ge=1, le=MAX_RESOLUTION, description=RESOLUTION_DESCRIPTION)
     guidance_scale: float = Field(
         1.0, ge=1.0, description="CFG scale on the real score (w = 1: no guidance; uncond + w (cond - uncond)).")
     ttur: int = Field(

@@ -22,6 +22,7 @@ MAX_ITERATIONS = 10**9  # training iterations; more is a typo (1e9 iterations of
 MAX_BATCH_SIZE = 2**20  # samples per training batch
 MAX_LR = 1.0  # learning rates: AdamW diverges well below 1
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+MAX_RESOLUTION = 16_384  # image side in pixels (SDXL's native side is 1024)
 
 
 def whole_number(value: Any, flag: str, least: int = 1, most: int | None = None) -> int:

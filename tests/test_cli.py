@@ -189,7 +189,8 @@ def test_numbers_checked_before_sampling(argv: list[str], needles: list[str], tm
 PARSED_CASES = [
     (["teacher", "sample", "--teacher", "digits", "--cfg-scale", "nan", "--out", "{out}/g.png"],
      ["--cfg-scale must be a finite number of at least 0", "nan"]),
-    (["teacher", "sample", "--teacher", "digits", "--cfg-scale", "inf", "--out", "{out}/g.png"], ["--cfg-scale", "inf"]),
+    (["teacher", "sample", "--teacher", "digits", "--cfg-scale", "inf", "--out", "{out}/g.png"],
+     ["--cfg-scale", "inf"]),
     (["teacher", "sample", "--teacher", "digits", "--cfg-scale", "-1", "--out", "{out}/g.png"], ["--cfg-scale", "-1"]),
     (["eval", "--model", "digits", "--cfg-scale=-inf"], ["--cfg-scale", "-inf"]),
     (["distill", "--guidance-scale", "nan", "--out", "{out}/r"], ["--guidance-scale", "nan"]),
@@ -207,6 +208,7 @@ PARSED_CASES = [
     (["eval", "--model", "digits", "--seed", "-1"], ["--seed", "-1"]),
     (["sample", "--student", "digits", "--n", "0", "--out", "{out}/g.png"], ["--n must be at least 1, got 0"]),
     (["demo", "--distill-iterations", "0"], ["--distill-iterations", "got 0"]),
+    (["distill", "--resolution", "100000", "--out", "{out}/r"], ["--resolution must be from 1 to 16384"]),
 ]
 
 
@@ -234,7 +236,8 @@ CONFIG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method, yaml_text, needles", CONFIG_CASES, ids=[f"{m}: {y.strip()}" for m, y, _ in CONFIG_CASES])
+@pytest.mark.parametrize("method, yaml_text, needles", CONFIG_CASES,
+                         ids=[f"{m}: {y.strip()}" for m, y, _ in CONFIG_CASES])
 def test_config_numbers_checked(method: str, yaml_text: str, needles: list[str], tmp_path: Path,
                                 capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "cfg.yaml"

@@ -52,7 +52,7 @@ from ..errors import UserError
 from ..models.discriminators import ADDDiscriminator, hinge_g_loss
 from ..models.features import DIGITS_SHAPES, FeatureNetwork, build_feature_network
 from ..models.lora import apply_lora, share_frozen_weights, trainable
-from ..options import MAX_LR
+from ..options import MAX_LR, MAX_RESOLUTION
 from ..train.teacher import warmup_schedule
 from .base import Batch, Method, Player, batch_cond, is_conditional
 from .dmd2 import Generator, _unwrap
@@ -83,7 +83,7 @@ class ADDConfig(BaseModel):
         1, ge=1, le=8,
         description="Student sampling steps from pure noise (trailing spacing: 1 = 999; 2 = 999 499; 4 = 999 749 499 "
                     "249). Steps whose times lie in T_student (1, 2 and 4 with student_times 4) are the ones trained.")
-    resolution: int | None = Field(None, ge=1, description=RESOLUTION_DESCRIPTION)
+    resolution: int | None = Field(None, ge=1, le=MAX_RESOLUTION, description=RESOLUTION_DESCRIPTION)
     student_times: int = Field(
         4, ge=1, le=8,
         description="n = |T_student|: training draws s uniformly from the n-step trailing grid (ADD: n = 4, "

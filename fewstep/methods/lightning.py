@@ -91,7 +91,7 @@ from ..errors import UserError
 from ..io import atomic_write, atomic_write_json
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
 from ..models.lora import ADAPTER, low_rank, lora_targets
-from ..options import MAX_LR
+from ..options import MAX_LR, MAX_RESOLUTION
 from ..student import Student
 from .base import Batch, Method, Player, batch_cond
 from .dmd2 import Generator, _unwrap
@@ -117,7 +117,7 @@ class LightningConfig(BaseModel):
     method: Literal["lightning"] = Field("lightning", description="The distillation method.")
     teacher: str = Field("digits", description=TEACHER_DESCRIPTION)
     data: str | None = Field(None, description="Data noised into the students' inputs x_t (default: the teacher's).")
-    resolution: int | None = Field(None, ge=1, description=RESOLUTION_DESCRIPTION)
+    resolution: int | None = Field(None, ge=1, le=MAX_RESOLUTION, description=RESOLUTION_DESCRIPTION)
     steps: int = Field(
         1, ge=1, le=8,
         description="Steps of the final student (one of `ladder`; the ladder stops there). Every stage's student down "
