@@ -375,3 +375,22 @@ def test_help_shows_every_default() -> None:
 
     sample_help = dict(_parsers(build_parser()))["fewstep teacher sample"].format_help()
     assert "(default: 32)" in sample_help and "(default: heun)" in sample_help and "(default: 1.0)" in sample_help
+
+
+def test_step_limit_follows_the_schedule() -> None:
+    """The most steps is the schedule's own: its discrete timesteps (DDPM, flow), a fixed cap for continuous EDM;
+    the limit itself makes a grid with every sampler's spacing, one more is refused."""
+    from fewstep.api import check_steps, max_steps
+    from fewstep.diffusion.samplers import SAMPLERS, sampling_grid
+    from fewstep.diffusion.schedule import DDPMSchedule, EDMSchedule, FlowSchedule
+    from fewstep.errors import UserError
+    from fewstep.options import MAX_CONTINUOUS_STEPS
+
+    for schedule, most in ((DDPMSchedule(num_train_timesteps=50), 50), (FlowSchedule(num_train_timesteps=40), 40),
+                           (EDMSchedule(), MAX_CONTINUOUS_STEPS)):
+        assert max_steps(schedule) == most
+        assert check_steps(most, schedule) == most
+        for sampler in SAMPLERS:
+            assert len(sampling_grid(schedule, sampler, most)) == most + 1
+        with pytest.raises(UserError, match=f"--steps {most + 1} is more than .*; pass --steps {most} or fewer"):
+            check_steps(most + 1, schedule)
