@@ -2,8 +2,8 @@
 
 A tiny DMD2 run on the embedded grid25 teacher (a checkpoint every 3 iterations, a metrics row every iteration) is
 started as a subprocess and SIGKILLed at ``kills`` seeded random moments: each a random iteration of the run (drawn
-without replacement, in order) plus a random fraction of a second; one of them, drawn too, lands while a checkpoint
-is being written (the loop's test hook ``FEWSTEP_SLOW_CHECKPOINT_WRITE`` pauses halfway through the bytes, and the
+without replacement, in order) plus a random fraction of the next one; one of them, drawn too, lands while a
+checkpoint is being written (the loop's test hook ``FEWSTEP_SLOW_CHECKPOINT_WRITE`` pauses halfway through the bytes, and the
 kill comes once the temporary file appears). After every kill the run is resumed with nothing but
 ``fewstep distill --out RUN --resume`` (its own config.yaml). Meanwhile the same run goes uninterrupted.
 
@@ -34,15 +34,15 @@ from typing import Any
 
 import yaml
 
-ITERATIONS = 40
+ITERATIONS = 40  # at least; 8 per kill with more kills
 CHECKPOINT_EVERY = 3
 SLOW_WRITE_SECONDS = 1.0
 TIMEOUT = 300.0
 
 
-def _config(path: Path) -> Path:
+def _config(path: Path, iterations: int) -> Path:
     cfg = {"method": "dmd2", "teacher": "grid25", "steps": 1,
-           "loop": {"iterations": ITERATIONS, "batch_size": 32, "checkpoint_every": CHECKPOINT_EVERY,
+           "loop": {"iterations": iterations, "batch_size": 32, "checkpoint_every": CHECKPOINT_EVERY,
                     "keep_checkpoints": 2, "log_every": 1, "sample_every": 0, "progress": False}}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -69,9 +69,10 @@ def _finish(proc: subprocess.Popen) -> None:
         raise RuntimeError(f"fewstep distill failed (exit {proc.returncode}): {err.strip()[-2000:]}")
 
 
-def _kill_when(proc: subprocess.Popen, run: Path, step: int, delay: float, mid_write: bool) -> bool:
-    """SIGKILL ``proc`` ``delay`` s after the row of iteration ``step`` appears (``mid_write``: once a checkpoint's
-    temporary file appears after it). False when the run finished first."""
+def _kill_when(proc: subprocess.Popen, run: Path, step: int, fraction: float, mid_write: bool) -> bool:
+    """SIGKILL ``proc`` ``fraction`` of an iteration after the row of iteration ``step`` appears (``mid_write``:
+    ``fraction`` of the paused write after a checkpoint's temporary file appears). False when the run finished
+    first."""
     deadline = time.monotonic() + TIMEOUT
     while not any(r.get("it", 0) >= step for r in _rows(run)):
         if proc.poll() is not None:
@@ -84,7 +85,10 @@ def _kill_when(proc: subprocess.Popen, run: Path, step: int, delay: float, mid_w
             if proc.poll() is not None:
                 return False
             time.sleep(0.005)
-    time.sleep(delay)
+        time.sleep(fraction * 0.5 * SLOW_WRITE_SECONDS)
+    else:
+        seconds = [r["seconds"] for r in _rows(run)[-2:] if isinstance(r.get("seconds"), (int, float))]
+        time.sleep(fraction * (seconds[1] - seconds[0] if len(seconds) == 2 else 0.05))
     if proc.poll() is not None:
         return False
     os.kill(proc.pid, signal.SIGKILL)
@@ -116,9 +120,10 @@ def kill_resume(kills: int = 5, seed: int = 0, workdir: str | Path | None = None
     workdir = Path(tempfile.mkdtemp(prefix="kill_resume-") if workdir is None else workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    planned = sorted(rng.sample(range(CHECKPOINT_EVERY + 1, ITERATIONS - 12), kills))  # after the first checkpoint
+    iterations = max(ITERATIONS, 8 * kills)
+    planned = sorted(rng.sample(range(CHECKPOINT_EVERY + 1, iterations - 12), kills))  # after the first checkpoint
     mid_write = rng.randrange(kills) if kills else -1
-    config = _config(workdir / "kill_resume.yaml")
+    config = _config(workdir / "kill_resume.yaml", iterations)
     run, clean = workdir / "killed", workdir / "clean"
 
     reference = _start(["--config", str(config), "--out", str(clean)])
@@ -130,8 +135,7 @@ def kill_resume(kills: int = 5, seed: int = 0, workdir: str | Path | None = None
     for i, step in enumerate(planned):
         # a row the running process wrote itself (the killed one may have logged a few past its checkpoint)
         target = max([step, *(r["it"] + 1 for r in _rows(run))])
-        if target > ITERATIONS - 2 or not _kill_when(proc, run, target, rng.uniform(0.0, 0.3 if i != mid_write else
-                                                                                      0.5), i == mid_write):
+        if target > iterations - 2 or not _kill_when(proc, run, target, rng.random(), i == mid_write):
             break
         done_kills += 1
         during_write += int(i == mid_write and bool(list((run / "checkpoints").glob(".step_*.tmp"))))
