@@ -13,7 +13,7 @@ import torch
 
 from .config import LoopConfig, load_config, validate_config
 from .errors import UserError
-from .io import atomic_write_json
+from .io import atomic_write_json, check_writable
 from .student import Student, save_student
 
 from .methods import METHOD_NAMES as METHODS, registry
@@ -129,6 +129,15 @@ def check_schedule_steps(cfg: Any, schedule: Any) -> None:
             check_steps(value, schedule, flag="--steps" if name == "steps" else name)
 
 
+def config_guidance(cfg: Any) -> float:
+    """The CFG scale on the real score a run distils with (``guidance_scale`` of the config or of its wrapped
+    method's block; 1 when it has none)."""
+    value = getattr(cfg, "guidance_scale", None)
+    if value is None and hasattr(cfg, "base"):
+        value = getattr(getattr(cfg, str(cfg.base), None), "guidance_scale", None)
+    return 1.0 if value is None else float(value)
+
+
 def _sample_writer(student_of: Any, data_name: str | None) -> Any:
     from .eval.images import save_samples
     from .models.hf import DiffusersDenoiser, decode_samples
@@ -209,6 +218,7 @@ def distill(
     cfg = make_config(method, resume_config(out, config, resume), teacher=teacher, steps=steps, **overrides)
     method = cfg.method
     check_run_dir(out, resume, restart)
+    check_writable(out)  # a read-only or full place is refused now, not after loading the teacher and data
     if inception_weights is not None and evaluate_n > 0:  # a wrong path is reported now, not after training
         from .eval.inception import resolve_weights_path
 
@@ -243,7 +253,8 @@ def distill(
 
     student = student_of().eval().requires_grad_(False)  # training is over: the student as it is saved
     meta = {"method": method, "teacher": cfg.teacher, "data": data_name, "steps": cfg.steps,
-            "iterations": cfg.loop.iterations, "seed": cfg.loop.seed, **getattr(method_obj, "student_meta", {})}
+            "guidance_scale": config_guidance(cfg), "iterations": cfg.loop.iterations, "seed": cfg.loop.seed,
+            **getattr(method_obj, "student_meta", {})}
     student.info = {"meta": meta}
     if PartialState().is_main_process:
         save_student(student, out / "student", **meta)
@@ -252,6 +263,7 @@ def distill(
         if evaluate_n > 0:  # every run gets its report; FID where a feature network is available
             from .report import write_run_report
 
-            write_run_report(out, student, teacher_model, n=evaluate_n, inception_weights=inception_weights)
+            write_run_report(out, student, teacher_model, n=evaluate_n, inception_weights=inception_weights,
+                             data=data_name, cfg_scale=config_guidance(cfg))
     PartialState().wait_for_everyone()
     return student

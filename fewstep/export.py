@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .io import atomic_write_json, atomic_write_text, check_writable
 from .models.lora import low_rank
 from .options import EXPORT_FORMATS as FORMATS
 
@@ -209,6 +210,7 @@ def export(student: Any, format: str = "diffusers", out: str | Path = "export", 
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose a new --out (exports are never overwritten)")
+    check_writable(out)  # before loading anything
     st = _load_student(student)
     den = _diffusers_generator(st)
     comps = den.components
@@ -234,7 +236,8 @@ def export(student: Any, format: str = "diffusers", out: str | Path = "export", 
     if explicit is not None:
         info["pass_sigmas" if den.schedule.kind == "flow" else "pass_timesteps"] = explicit
     if format == "diffusers":
-        _export_pipeline(den, model, name, sched, out, pipeline)
+        def write(folder_out: Path) -> None:
+            _export_pipeline(den, model, name, sched, folder_out, pipeline)
     else:
         if not pipeline:
             raise UserError(f"{folder} is a bare model folder; a LoRA is loaded into a pipeline "
@@ -252,11 +255,35 @@ def export(student: Any, format: str = "diffusers", out: str | Path = "export", 
             info.update(lora_source="svd", rank=rank, lora_residual=residual)
             if not lora:
                 raise UserError("the student's Linear/Conv2d weights equal the teacher's; there is no LoRA to export")
-        out.mkdir(parents=True)
-        pipe_cls.save_lora_weights(str(out), **{f"{name}_lora_layers": lora}, safe_serialization=True)
-        sched.save_pretrained(str(out / "scheduler"))
-    (out / "fewstep_export.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "README.md").write_text(_card(info, name))
+
+        def write(folder_out: Path) -> None:
+            pipe_cls.save_lora_weights(str(folder_out), **{f"{name}_lora_layers": lora}, safe_serialization=True)
+            sched.save_pretrained(str(folder_out / "scheduler"))
+
+    return _write_folder(out, lambda tmp: (write(tmp), atomic_write_json(tmp / "fewstep_export.json", info),
+                                           atomic_write_text(tmp / "README.md", _card(info, name))))
+
+
+def _write_folder(out: Path, write: Any) -> Path:
+    """Call ``write(tmp)`` on a new temporary folder beside ``out``, then rename it to ``out``: an export is there
+    whole or not at all (a full disk or an error on the way removes the temporary folder; one line names ``out``)."""
+    import shutil
+    import tempfile
+
+    from .io import write_error
+
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        write(tmp)
+        tmp.rename(out)  # POSIX refuses to rename over a folder that is not empty: no export is overwritten
+        tmp = None
+    except OSError as e:
+        raise write_error(out, e) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

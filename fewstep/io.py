@@ -5,6 +5,7 @@ fsync the folder so the rename itself survives a crash (EDM2's ``CheckpointIO`` 
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -12,32 +13,93 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from .errors import UserError
+
+
+#: OS errors a user's setting causes and can fix (a full disk, permissions, a path that is wrong): exit status 2
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
+                         errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def write_error(path: str | os.PathLike, e: OSError) -> UserError:
+    """A failed write as one line naming the file, the cause and the fix (a full disk, a read-only place...)."""
+    cause = e.strerror or str(e) or type(e).__name__
+    if e.filename and os.fspath(e.filename) != os.fspath(path) and not str(e.filename).endswith(".tmp"):
+        cause += f": {e.filename}"  # the folder that could not be made, say
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there (or choose another --out) and run again"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make it writable or choose another --out"
+    else:
+        fix = "check the path or choose another --out"
+    return UserError(f"cannot write {path} ({cause}); {fix} (nothing was half-written; a training run resumes "
+                     "from its last checkpoint with --resume)")
+
+
+def check_writable(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse up front, in one line, an output ``folder`` where nothing can be written: one below a file, or in a
+    read-only or full place (a probe file is created and removed in the nearest folder that exists; nothing else
+    is created). Returns ``folder``."""
+    folder = Path(folder)
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fewstep-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write in {existing} ({e.strerror or e}); make it writable or "
+                        f"choose another {flag}") from None
+    return folder
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
-    """Call ``write(fileobj)`` on a temporary file, then atomically move it to ``path``."""
+    """Call ``write(fileobj)`` on a temporary file, then atomically move it to ``path``.
+
+    Any OS error on the way (a full disk, no permission, a read-only file system) leaves ``path`` as it was, removes
+    the temporary file and is raised as a one-line :class:`UserError` naming ``path`` and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give results the usual permissions
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give results the usual permissions
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
-        os.close(dir_fd)
+        if tmp is not None:  # any failure, an interrupt included: no temporary file is left behind
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return path
+
+
+def append_text(path: str | os.PathLike, text: str) -> Path:
+    """Append ``text`` to ``path`` (a log such as ``metrics.jsonl``, whose reader skips a torn last line); an OS error
+    is a one-line :class:`UserError` naming ``path``."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as e:
+        raise write_error(path, e) from None
     return path
 
 
@@ -55,6 +117,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through a temporary file; load it back with ``torch.load(path, weights_only=True)``."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())

@@ -65,14 +65,14 @@ def _test_prompts(model: Any, data: str | None) -> list[str] | None:
 
 
 def _measure_images(run_dir: Path, models: list[tuple[str, Any, dict[str, Any]]], n: int, seed: int,
-                    inception_weights: str | Path | None) -> tuple[list[dict[str, Any]], list[str], str]:
+                    inception_weights: str | Path | None, data: str | None
+                    ) -> tuple[list[dict[str, Any]], list[str], str]:
     """Rows for images without the digits classifier: Inception FID when weights were given, else timing only.
 
     Returns the rows, the metric columns and a note for the report (which metric is missing and how to get it)."""
-    from .api import evaluate, generate, model_data
+    from .api import evaluate, generate
     from .errors import UserError
 
-    data = model_data(models[0][1])
     weights, why = _inception_weights(inception_weights)
     run = str(run_dir)
     how = (f"Measure it after training with `fewstep eval --model {run} --data {data} --inception "
@@ -102,9 +102,14 @@ def _measure_images(run_dir: Path, models: list[tuple[str, Any, dict[str, Any]]]
 
 
 def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, seed: int = 0,
-                     inception_weights: str | Path | None = None) -> Path:
+                     inception_weights: str | Path | None = None, data: str | None = None,
+                     cfg_scale: float = 1.0) -> Path:
     """Evaluate ``student`` and ``teacher`` (DDIM with the student's step count, and Heun with 32 steps), write
     ``eval.json`` and ``report.html`` into ``run_dir``; return the report's path.
+
+    ``data`` is the run's data (default: the student's recorded data): every row is measured against it, the
+    teacher's too (a diffusers teacher records none). ``cfg_scale``: the guidance the student was distilled with;
+    a conditional teacher is sampled with it, so the rows compare the student with the distribution it imitates.
 
     Digits are measured with the shipped classifier's features (FID, precision, recall, class accuracy) and 2-D data
     with sliced Wasserstein distance and mode coverage. Any other images (a diffusers teacher's, an image folder's)
@@ -116,15 +121,20 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
     from .eval.images import plot_curves
     from .eval.report import write_report
 
+    from .api import _is_text_model, model_data
+
     run_dir = Path(run_dir)
-    models = [("student", student, {}), ("teacher (ddim)", teacher, {"steps": student.steps, "sampler": "ddim"}),
-              ("teacher (heun)", teacher, {"steps": 32, "sampler": "heun"})]
+    data = data or model_data(student)
+    guide = {"cfg_scale": float(cfg_scale)} if teacher.num_classes > 0 or _is_text_model(teacher) else {}
+    models = [("student", student, {}),
+              ("teacher (ddim)", teacher, {"steps": student.steps, "sampler": "ddim", **guide}),
+              ("teacher (heun)", teacher, {"steps": 32, "sampler": "heun", **guide})]
     kind = _kind(student)
     note = ""
     if kind == "image":
-        rows, metric_keys, note = _measure_images(run_dir, models, n, seed, inception_weights)
+        rows, metric_keys, note = _measure_images(run_dir, models, n, seed, inception_weights, data)
     else:
-        rows = [{"model": name, **evaluate(model, n=n, seed=seed, **kw)} for name, model, kw in models]
+        rows = [{"model": name, **evaluate(model, data=data, n=n, seed=seed, **kw)} for name, model, kw in models]
         metric_keys = (["fid", "precision", "recall", "class_accuracy"] if kind == "digits"
                        else ["sliced_w", "modes_covered", "high_quality"])
     rows[0]["steps"] = student.steps
@@ -144,7 +154,10 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
     cfg = yaml.safe_load(config_text) if config_text else {}
     measured = (f"{n} samples each, measured against the held-out split." if kind != "image" or metric_keys
                 else "NFE and sampling time per model.")
-    text = f"{cfg.get('method', 'student')} student of teacher {cfg.get('teacher')} on {cfg.get('data')}, {measured}"
+    text = (f"{cfg.get('method', 'student')} student of teacher {cfg.get('teacher')} on {cfg.get('data') or data}, "
+            f"{measured}")
+    if guide and cfg_scale != 1.0:
+        text += f" The teacher rows sample with CFG scale {cfg_scale:g}, the guidance the student was distilled with."
     sections = [
         {"heading": "Result", "text": text + (f"\n\n{note}" if note else ""), "table": table},
         {"heading": "Training curves", "images": curve_images},

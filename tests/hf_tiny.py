@@ -60,13 +60,13 @@ def tiny_vae(latent_channels: int = 4, shift: float | None = None, seed: int = 0
                          norm_num_groups=2, sample_size=16, scaling_factor=0.5, **kw).eval()
 
 
-def unet2d(seed: int = 0, prediction_type: str = "epsilon", folder: Path | None = None):
-    """A pixel-space UNet2DModel pipeline (DDPMPipeline) on 3x8x8 images."""
+def unet2d(seed: int = 0, prediction_type: str = "epsilon", folder: Path | None = None, channels: int = 3):
+    """A pixel-space UNet2DModel pipeline (DDPMPipeline) on ``channels``x8x8 images (1: digits-shaped)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
-                       norm_num_groups=2, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    unet = UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(4, 8),
+                       layers_per_block=1, norm_num_groups=2, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type,
                           timestep_spacing="trailing")

@@ -1,4 +1,5 @@
-"""Pictures for people: sample grids, 2-D scatter plots and metric curves, written as PNG atomically.
+"""Pictures for people: sample grids, 2-D scatter plots and metric curves, written atomically in the format the
+file's suffix names (:data:`GRID_FORMATS` for grids, Pillow; :data:`FIGURE_FORMATS` for plots, matplotlib).
 
 Matplotlib is used through ``Figure`` + the Agg canvas, never pyplot, so no global state or display is touched.
 """
@@ -22,6 +23,40 @@ GRID_ROW = 10  # images per row of save_samples' grids
 MAX_GRID_PIXELS = 89_478_485
 #: the most points a scatter plot draws: more is one blot, and takes minutes to render
 MAX_PLOT_POINTS = 1_000_000
+#: suffix -> Pillow format of the sample grids it can write
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".pdf": "PDF"}
+#: suffix -> matplotlib format of scatter plots and curves
+FIGURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".pdf": "pdf", ".svg": "svg"}
+
+
+def output_format(path: str | os.PathLike, figure: bool = False) -> str:
+    """The format a grid (``figure=False``) or a plot is written in, from ``path``'s suffix; an unknown suffix is a
+    one-line error listing the choices."""
+    table = FIGURE_FORMATS if figure else GRID_FORMATS
+    suffix = Path(path).suffix.lower()
+    if suffix not in table:
+        what = "a scatter plot" if figure else "a sample grid"
+        given = f"suffix {Path(path).suffix!r}" if suffix else "no suffix"
+        raise UserError(f"{path} has {given}; {what} is written as {', '.join(table)}: name the file with one of "
+                        "them (or give a folder, DIR/, for DIR/samples.png)")
+    return table[suffix]
+
+
+#: the largest side in pixels each Pillow format can encode
+MAX_SIDE = {"JPEG": 65_535, "WEBP": 16_383, "PDF": 65_500}
+
+
+def check_output(path: str | os.PathLike, sample_shape: tuple[int, ...], n: int | None = None) -> str:
+    """:func:`output_format` of :func:`save_samples`' picture of ``n`` samples shaped ``sample_shape`` (3-D: a grid;
+    else a scatter plot), and for a grid, that the format can encode its size; call it before sampling."""
+    figure = len(sample_shape) != 3
+    fmt = output_format(path, figure=figure)
+    if not figure and n is not None and fmt in MAX_SIDE:
+        side = max(grid_size(n, *sample_shape[-2:], GRID_ROW))
+        if side > MAX_SIDE[fmt]:
+            raise UserError(f"{path}: a grid of {n} samples is {side:,} pixels long, but {fmt} encodes at most "
+                            f"{MAX_SIDE[fmt]:,}; write it as .png or pass a smaller --n")
+    return fmt
 
 
 def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
@@ -57,18 +92,18 @@ def check_picture(n: int, sample_shape: tuple[int, ...], flag: str = "--n") -> N
         one, two = grid_size(GRID_ROW, h, w, GRID_ROW)[0], grid_size(2 * GRID_ROW, h, w, GRID_ROW)[0]
         most = (MAX_GRID_PIXELS // width - (2 * one - two)) // (two - one) * GRID_ROW
         raise UserError(f"{flag} {n} makes a {width:,} x {height:,} pixel grid ({height * width / 1e6:,.0f} "
-                        f"megapixels); a PNG grid holds at most {MAX_GRID_PIXELS / 1e6:.1f} megapixels (Pillow's "
+                        f"megapixels); a grid holds at most {MAX_GRID_PIXELS / 1e6:.1f} megapixels (Pillow's "
                         f"limit for reading one back), {most:,} of these samples: pass {flag} {most} or fewer")
 
 
 def save_grid(
     images: Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int | None = None
 ) -> Path:
-    """Write images as one PNG grid, upscaled with nearest neighbour so each tile is at least 48 px.
+    """Write images as one grid picture, upscaled with nearest neighbour so each tile is at least 48 px.
 
     Args:
         images: ``(N, C, H, W)`` in ``[-1, 1]``, C in {1, 3}; values outside are clipped.
-        path: the PNG file to write.
+        path: the file to write (its suffix picks the format).
         nrow: images per row (default: ceil(sqrt(N))).
         scale: integer upscaling factor (default: the smallest one reaching 48 px).
     """
@@ -77,6 +112,7 @@ def save_grid(
     x = _numpy(images)
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
         raise UserError(f"save_grid takes images (N, 1 or 3, H, W) with N >= 1, got shape {x.shape}")
+    fmt = output_format(path)
     n, c, h, w = x.shape
     height, width, nrow, scale, pad = _grid_layout(n, h, w, nrow, scale)
     th, tw = h * scale, w * scale
@@ -89,16 +125,20 @@ def save_grid(
         canvas[top : top + th, left : left + tw] = tile
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    if fmt in MAX_SIDE and max(height, width) > MAX_SIDE[fmt]:
+        raise UserError(f"{path}: a {width:,} x {height:,} pixel grid is too large for {fmt} (at most "
+                        f"{MAX_SIDE[fmt]:,} pixels a side); write it as .png or with fewer images")
+    img.save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     return atomic_write_bytes(path, buf.getvalue())
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    fmt = output_format(path, figure=True)
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, dpi=100, bbox_inches="tight")
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -113,7 +153,7 @@ def save_points(
 
     Args:
         points: ``(N, D)`` samples, D >= 2; drawn in colour.
-        path: the PNG file to write.
+        path: the file to write (its suffix picks the format).
         reference: ``(M, D)`` points drawn in light grey underneath (e.g. the data).
         title: figure title.
         lim: axis limits: ``a`` for ``[-a, a]`` on both axes, or ``(lo, hi)``; default: fit all points.
@@ -149,7 +189,7 @@ def plot_curves(
     Args:
         rows: dicts holding ``x`` and some of ``keys``; rows missing a key (or holding None/NaN) are skipped for it.
         keys: the metrics to draw, one line each.
-        path: the PNG file to write.
+        path: the file to write (its suffix picks the format).
         x: the key of the horizontal axis.
         title: figure title.
     """
@@ -181,7 +221,9 @@ def plot_curves(
 def save_samples(
     x: Tensor | np.ndarray, path: str | os.PathLike, data: str | None = None, title: str | None = None
 ) -> Path:
-    """Images as a grid (10 per row), points as a scatter over the held-out split of ``data`` when given."""
+    """Images as a grid (10 per row), points as a scatter over the held-out split of ``data`` when given; the
+    format is the suffix's (:func:`check_output`)."""
+    check_output(path, tuple(np.shape(x))[1:], len(x))
     if np.ndim(x) == 4:
         return save_grid(x, path, nrow=GRID_ROW)
     reference = None

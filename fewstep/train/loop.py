@@ -62,7 +62,7 @@ from pydantic import BaseModel
 
 from ..config import LoopConfig, dump_config
 from ..errors import UserError
-from ..io import atomic_torch_save, atomic_write, atomic_write_bytes
+from ..io import append_text, atomic_torch_save, atomic_write, atomic_write_bytes
 from ..methods.base import Batch, Method
 from .ema import EMA
 from .memory import (
@@ -779,8 +779,7 @@ def _log(run: _Run, step: int, log_fn: Callable[[dict[str, Any]], None] | None) 
     if run.replicated:
         _warn_if_out_of_sync(run.method, run.replicated, accelerator, step, run.out_of_sync)
     if run.main:
-        with open(run.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(run.metrics_path, json.dumps(row) + "\n")  # an OS error: one line naming the file
         for k, v in row.items():
             if k != "it":
                 run.writer.add_scalar(k, v, step)
