@@ -47,7 +47,7 @@ def launch(script: Path, *args: str, processes: int = 2, timeout: int = 120) -> 
 
 
 PRELUDE = """
-import builtins, hashlib, json, sys
+import hashlib, json, sys
 import torch
 torch.set_num_threads(1)
 from torch import nn
@@ -74,7 +74,7 @@ def recorded(kind, fn):
 
 loop.atomic_torch_save = recorded("checkpoint", loop.atomic_torch_save)
 loop.dump_config = recorded("config", loop.dump_config)
-loop.open = recorded("open", builtins.open)  # metrics.jsonl (the loop's module globals shadow the builtin)
+loop.append_text = recorded("open", loop.append_text)  # metrics.jsonl rows
 
 
 class Writer(tb.SummaryWriter):
