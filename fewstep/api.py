@@ -69,7 +69,13 @@ def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.d
         )
     if resolution is not None or dtype is not None:
         raise UserError("resolution and dtype are options of diffusers teachers; fewstep's own networks have theirs")
-    den, desc = load_denoiser(prefix)
+    try:
+        den, desc = load_denoiser(prefix)
+    except UserError as e:
+        if spec_s not in zoo.TEACHERS:
+            raise
+        raise UserError(f"{e}; for a shipped teacher: rebuild it with `{zoo.build_command(spec_s)}` or reinstall "
+                        "fewstep") from None
     if (desc.get("meta") or {}).get("kind") == "student":
         raise UserError(f"{prefix.with_suffix('.json')} is a distilled student, not a teacher; distill from its "
                         "teacher (the run's config.yaml names it), or sample the student with `fewstep sample "

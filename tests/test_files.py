@@ -193,6 +193,30 @@ def test_the_python_loaders_raise_one_line_user_errors(fx):
         assert "\n" not in str(e.value)
 
 
+def test_a_damaged_shipped_teacher_names_the_command_that_rebuilds_it(tmp_path, monkeypatch):
+    import fewstep.zoo as zoo
+
+    shipped = tmp_path / "zoo"
+    shipped.mkdir()
+    shutil.copy(ZOO / "ring8.json", shipped)
+    (shipped / "ring8.safetensors").write_bytes((ZOO / "ring8.safetensors").read_bytes()[:500])
+    monkeypatch.setattr(zoo, "ZOO_DIR", shipped)
+    with pytest.raises(UserError, match="ring8.safetensors is not a readable .*`fewstep zoo build ring8`") as e:
+        fewstep.load_teacher("ring8")
+    assert "\n" not in str(e.value)
+
+
+def test_a_damaged_degradation_path_names_its_file_and_the_fix(tmp_path):
+    from fewstep.methods.disback import DegradationPath
+
+    (tmp_path / "key").mkdir()
+    (tmp_path / "key" / "step_001.safetensors").write_bytes(b"\x10" * 40)
+    path = DegradationPath(tmp_path / "key", "key", 1, fewstep.load_teacher("ring8"))
+    with pytest.raises(UserError, match="step_001.safetensors is not a readable .*remove that folder") as e:
+        path.state(1)
+    assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 4. File-system faults: one line; nothing lost or half-written
 # ------------------------------------------------------------------------------------------------------------------

@@ -331,9 +331,14 @@ class DegradationPath:
         assert 0 <= k <= self.checkpoints, k
         if k == 0:
             return {name: t.detach() for name, t in self.teacher.net.state_dict().items()}
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(self.file(k)))
+        try:
+            return load_file(str(self.file(k)))
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{self.file(k)} is not a readable safetensors file ({e}); the degradation path in "
+                            f"{self.dir} is damaged: remove that folder and it is recorded again") from None
 
     def load_into(self, denoiser: Denoiser, k: int) -> None:
         """Load ``D^(k)`` into ``denoiser`` (strict: every key, no prefix games)."""
