@@ -132,9 +132,9 @@ def check_schedule_steps(cfg: Any, schedule: Any) -> None:
 def config_guidance(cfg: Any) -> float:
     """The CFG scale on the real score a run distils with (``guidance_scale`` of the config or of its wrapped
     method's block; 1 when it has none)."""
+    if hasattr(cfg, "base_config"):  # DisBack: the wrapped method's resolved config
+        cfg = cfg.base_config()
     value = getattr(cfg, "guidance_scale", None)
-    if value is None and hasattr(cfg, "base"):
-        value = getattr(getattr(cfg, str(cfg.base), None), "guidance_scale", None)
     return 1.0 if value is None else float(value)
 
 
