@@ -371,6 +371,9 @@ def test_distill_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(lightning.LightningMethod, "loss", real_loss)
     ckpt = load_checkpoint(list_checkpoints(broken)[-1])
     assert ckpt["iteration"] == 6 and 0 < ckpt["method"]["phase"] < 9 and ckpt["method"]["finished"]
+    # a checkpoint names the finished stages' files (written once under <run>/stages/) instead of holding them
+    for k, f in ckpt["method"]["finished"].items():
+        assert set(f) == {"file", "sha256", "prediction_type"} and (broken / f["file"]).is_file(), k
     distill(out=broken, checkpoint_every=3, evaluate_n=0, resume=True, **common)
     for k in (8, 4, 2, 1):
         a, b = _state(whole / "students" / f"steps_{k}"), _state(broken / "students" / f"steps_{k}")
@@ -432,3 +435,46 @@ def test_fsdp_is_refused_up_front():
     with pytest.raises(UserError, match="cannot train sharded.*DDP"):
         check_fsdp_support(lightning.LightningMethod.__new__(lightning.LightningMethod))
     check_fsdp_support(DMD2Method.__new__(DMD2Method))  # the others shard
+
+
+def test_a_frozen_discriminator_backbone_has_no_gradients_no_optimizer_state_and_the_training_dtype():
+    """lr_discriminator: 0 freezes the backbone for real: it is the teacher itself (no copy), AdamW holds the heads
+    only, the loop's bf16 cast reaches it, and the discriminator's state (what checkpoints carry) is the heads'."""
+    from fewstep.train.memory import cast_frozen_parameters, modules_of, optimizer_parameters
+
+    teacher = tiny_unet_teacher()
+    batch = Batch(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))
+    counts = {}
+    for lr in (1e-4, 0.0):
+        m = LightningMethod(teacher, LightningConfig(ladder=[2, 1], teacher_steps=2, mse_stages=0, lr_discriminator=lr,
+                                                     loop={"iterations": 12}))
+        disc, opt = m._disc(), m.players["discriminator"].optimizer
+        heads = list(disc.cond_head.parameters()) + list(disc.uncond_head.parameters())
+        assert m.updates(0) == ["discriminator", "generator"]
+        loss, _ = m.loss("discriminator", batch, 0)
+        loss.backward()
+        opt.step()
+        counts[lr] = len(opt.state)
+        if lr > 0:
+            assert disc.backbone is not m.teacher and len(opt.state) > len(heads)
+            continue
+        assert disc.backbone is m.teacher and not any(p.requires_grad for p in disc.backbone.parameters())
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in heads}
+        # AdamW's state: the conditional head's tensors (this phase's), none of the backbone's
+        assert {id(p) for p in opt.state} == {id(p) for p in disc.cond_head.parameters()}
+        assert all(p.grad is None for p in disc.backbone.parameters())
+        disc.train()
+        assert not disc.backbone.training  # the shared teacher stays in eval mode
+        state = disc.state_dict()
+        assert state and not any(k.startswith("backbone.") for k in state)
+        disc.load_state_dict(state)  # strict: the heads round-trip
+        # the loop's mixed-precision cast: the frozen backbone in bf16, the trained heads in float32
+        restore = cast_frozen_parameters(modules_of(m), torch.bfloat16,
+                                         keep=optimizer_parameters(p.optimizer for p in m.players.values()))
+        assert all(p.dtype == torch.bfloat16 for p in disc.backbone.parameters())
+        assert all(p.dtype == torch.float32 for p in heads)
+        m.updates(11)  # into the 1-step stage: its teacher (the finished 2-step student) is held in bf16 too
+        assert all(p.dtype == torch.bfloat16 for p in m._stage_teacher.parameters())
+        assert set(m.finished) == {2} and all(v.device.type == "cpu" for v in m.finished[2]["state"].values())
+        restore()
+    assert counts[0.0] < counts[1e-4]

@@ -38,7 +38,10 @@ has reseeded the RNGs. This keeps checkpoints and resume honest without a second
 module has one fixed structure for the whole run (the network with LoRA adapters injected once; "merging" folds the
 adapters into the base weights and re-initialises them to a zero update, and in the full phases the adapters are
 switched off), so every checkpoint loads into a freshly built method; the phase index and the finished students of
-earlier stages (plain state dicts, which are also the later stages' teachers) are ``extra_state``. A phase switch
+earlier stages (plain state dicts, which are also the later stages' teachers) are ``extra_state``. A finished stage
+leaves the GPU: in a run it is written once to ``<run>/stages/steps_<k>.safetensors`` and checkpoints carry its name
+and SHA-256 only (without a run directory: CPU tensors); the next stage's teacher is rebuilt from it as a frozen copy
+of the teacher network, in the dtype the loop holds the teacher in (bf16 under mixed precision). A phase switch
 clears the optimizers' moments and sets the phase's learning rate; an adversarial stage also restarts the
 discriminator from the teacher's weights and the heads' initial weights (fixed at construction from the seed).
 Because the switch happens at the same iteration with the same reseeded RNG, a resumed run replays it bit-for-bit
@@ -56,7 +59,8 @@ The run's own ``student.*`` is the last stage's (``steps``) student, as for ever
 Choices where the paper is silent (or its scale is not ours):
 
 * Training inputs ``x_t`` are noised real data (the paper distils on LAION images); one start time per batch.
-* The discriminator's backbone is trained (at ``lr_discriminator``), with the heads; the real/fake features at clean
+* The discriminator's backbone is trained (at ``lr_discriminator``), with the heads; ``lr_discriminator: 0`` makes
+  the backbone the frozen teacher itself (no copy, no optimizer state, not in checkpoints); the real/fake features at clean
   ``x0`` (the last step of a multi-step student) are taken at ``t = t_min``.
 * The 1-step student's ``x0``-prediction: our teachers predict ``v`` (or flow, EDM's F, x0), whose ``x0`` reading is
   already well defined at ``t = T`` under zero terminal SNR (``x0 = -v``), so nothing changes for them; an
@@ -73,6 +77,7 @@ Choices where the paper is silent (or its scale is not ours):
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -409,11 +414,18 @@ def load_student(prefix: str | Path) -> Student:
 class LightningDiscriminator(nn.Module):
     """``d`` = a trainable copy of the teacher (only its encoder + mid block are used, through ``features``), with a
     conditional head on ``[d(x_{t'}, t'), d(x_t, t)]`` and an unconditional head on ``d(x_{t'}, t')`` (SDXL-Lightning
-    sec. 3.3-3.4). :meth:`logits` gives one logit per sample."""
+    sec. 3.3-3.4). :meth:`logits` gives one logit per sample.
 
-    def __init__(self, teacher: Denoiser, width: int = 64) -> None:
+    ``train_backbone=False`` (``lr_discriminator: 0``): the backbone is the frozen teacher itself, not a copy (a frozen
+    copy computes the same features): no gradients, no optimizer state, held in whatever dtype the loop holds the
+    teacher in (bf16 under mixed precision), always in eval mode, and left out of this module's state dict (so
+    checkpoints carry the heads only; the teacher is rebuilt from its own files)."""
+
+    def __init__(self, teacher: Denoiser, width: int = 64, train_backbone: bool = True) -> None:
         super().__init__()
-        self.backbone = copy.deepcopy(teacher).train().requires_grad_(True)
+        self.train_backbone = train_backbone
+        self.backbone = (copy.deepcopy(teacher).train().requires_grad_(True) if train_backbone
+                         else teacher.eval().requires_grad_(False))
         probe = torch.zeros((1, *teacher.sample_shape))
         with torch.no_grad():
             feats = self.backbone.features(probe, torch.tensor([teacher.schedule.t_max]), None)
@@ -423,6 +435,33 @@ class LightningDiscriminator(nn.Module):
 
     def features(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         return self.backbone.features(x, t, cond)
+
+    def train(self, mode: bool = True) -> "LightningDiscriminator":
+        super().train(mode)
+        if not self.train_backbone:  # the shared teacher stays in eval mode
+            self.backbone.eval()
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        if not self.train_backbone:
+            prefix = kwargs.get("prefix", "") + "backbone."
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        if self.train_backbone:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        extra = [k for k in state_dict if k.startswith("backbone.")]
+        if strict and extra:
+            raise RuntimeError(f"unexpected key(s) {extra[:3]}: this discriminator's backbone is the frozen teacher "
+                               f"(lr_discriminator: 0); the state holds a trained one")
+        out = {}
+        for name in ("cond_head", "uncond_head"):
+            sub = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+            out[name] = getattr(self, name).load_state_dict(sub, strict=strict, assign=assign)
+        return out
 
     def logits(self, x_next: Tensor, t_next: Tensor, cond: Any, conditional: bool,
                x_t_features: Tensor | None = None) -> Tensor:
@@ -469,11 +508,12 @@ class LightningMethod(Method):
         # the phases: (stage index, kind, first iteration, end iteration)
         self.phases = self._plan(cfg.loop.iterations)
 
-        self._template = copy.deepcopy(teacher).eval().requires_grad_(False)  # plain network for snapshots
         student = copy.deepcopy(teacher).train().requires_grad_(True)
         add_lora(student.net, cfg.lora_rank)
-        disc = LightningDiscriminator(teacher, cfg.head_width)
-        self._disc_init = {k: v.detach().clone() for k, v in disc.state_dict().items()}
+        # lr_discriminator 0: the backbone is the frozen teacher itself (no copy, no gradients, no optimizer state)
+        disc = LightningDiscriminator(teacher, cfg.head_width, train_backbone=cfg.lr_discriminator > 0)
+        # restarted at every adversarial stage (host memory; a frozen backbone's state is the teacher's and not in it)
+        self._disc_init = {k: v.detach().cpu().clone() for k, v in disc.state_dict().items()}
         g_mod = Generator(student)  # the student denoiser; its network carries the LoRA adapters
 
         def player(module: nn.Module, groups: list[dict[str, Any]]) -> Player:
@@ -481,15 +521,19 @@ class LightningMethod(Method):
             return Player(module, opt, None, cfg.grad_clip, None)
 
         heads = list(disc.cond_head.parameters()) + list(disc.uncond_head.parameters())
+        d_groups = [{"params": heads, "lr": cfg.lr_head}]  # the heads are the last group
+        if disc.train_backbone:
+            d_groups.insert(0, {"params": list(disc.backbone.parameters()), "lr": cfg.lr_discriminator})
         self.players = {
             "generator": player(g_mod, [{"params": list(g_mod.parameters()), "lr": cfg.lr_mse}]),
-            "discriminator": player(disc, [{"params": list(disc.backbone.parameters()), "lr": cfg.lr_discriminator},
-                                           {"params": heads, "lr": cfg.lr_head}])}
+            "discriminator": player(disc, d_groups)}
         self.phase = 0
-        self.finished: dict[int, dict[str, Any]] = {}  # steps -> {"state", "prediction_type"}
+        # steps -> {"prediction_type", and "state" (CPU tensors) or, in a run, "file" + "sha256" (<run>/stages/)}
+        self.finished: dict[int, dict[str, Any]] = {}
         self._stage_teacher: Denoiser | None = None
         self._device: Any = torch.device("cpu")
         self._cache: tuple[int, Any] | None = None
+        self._just_finished: tuple[int, dict[str, Tensor]] | None = None
         self._apply_mode(0)
 
     # --- plan ---------------------------------------------------------------------------------------------------
@@ -541,10 +585,50 @@ class LightningMethod(Method):
         return batch_cond(batch, self.teacher)
 
     def _plain(self, state: dict[str, Tensor], prediction_type: str) -> Denoiser:
-        den = copy.deepcopy(self._template)
+        """A frozen plain network with ``state``, on the device, in the dtype the teacher is held in (bf16 while the
+        loop trains with mixed precision): a copy of the teacher, so no template copy is kept besides it."""
+        den = copy.deepcopy(self.teacher)
         den.net.load_state_dict(state)
         den.prediction_type = prediction_type
         return den.to(self._device).eval().requires_grad_(False)
+
+    def _stage_state(self, k: int) -> dict[str, Tensor]:
+        """The finished ``k``-step student's network state (from memory, or its file under the run directory)."""
+        f = self.finished[k]
+        if "state" in f:
+            return f["state"]
+        if self._just_finished is not None and self._just_finished[0] == k:
+            return self._just_finished[1]  # another process may not have written the file yet
+        from safetensors.torch import load
+
+        path = Path(self.run_dir or ".") / f["file"]
+        try:
+            blob = path.read_bytes()
+        except OSError as e:
+            raise UserError(f"{path}: the finished {k}-step stage's weights cannot be read ({e.strerror}); this run "
+                            f"cannot resume without it, start over with --restart") from None
+        if hashlib.sha256(blob).hexdigest() != f["sha256"]:
+            raise UserError(f"{path} is not the {k}-step stage this run finished (its contents changed); start over "
+                            f"with --restart")
+        return load(blob)
+
+    def _finish_stage(self, k: int, state: dict[str, Tensor], prediction_type: str) -> None:
+        """Keep a finished stage off the GPU: in a run, written once to ``<run>/stages/steps_<k>.safetensors``
+        (checkpoints then carry its name and hash, not its weights); without one, as CPU tensors."""
+        state = {n: v.detach().cpu().contiguous() for n, v in state.items()}
+        if self.run_dir is None:
+            self.finished[k] = {"state": state, "prediction_type": prediction_type}
+            return
+        from accelerate import PartialState
+        from safetensors.torch import save
+
+        blob = save(state)
+        name = f"stages/steps_{k}.safetensors"
+        if PartialState().is_main_process:  # every process holds the same state; one writes it
+            atomic_write(Path(self.run_dir) / name, lambda fh: fh.write(blob))
+        self.finished[k] = {"file": name, "sha256": hashlib.sha256(blob).hexdigest(),
+                            "prediction_type": prediction_type}
+        self._just_finished = (k, state)  # until the next stage's teacher is built from it
 
     def _prediction_type(self, stage: int) -> str:
         if (self.cfg.x0_prediction and self.stage_steps[stage] == 1
@@ -567,8 +651,10 @@ class LightningMethod(Method):
         if stage == 0:
             self._stage_teacher = None
         else:
-            prev = self.finished[self.stage_steps[stage - 1]]
-            self._stage_teacher = self._plain(prev["state"], prev["prediction_type"])
+            k_prev = self.stage_steps[stage - 1]
+            self._stage_teacher = None  # the previous one's memory first
+            self._stage_teacher = self._plain(self._stage_state(k_prev), self.finished[k_prev]["prediction_type"])
+        self._just_finished = None
 
     def _switch(self, j: int) -> None:
         """Leave the current phase for phase ``j`` (the next one)."""
@@ -581,8 +667,7 @@ class LightningMethod(Method):
             fold_lora(net, rng)  # merge the LoRA, then the full network trains
         if stage != old_stage:
             fold_lora(net, rng)
-            self.finished[self.stage_steps[old_stage]] = {
-                "state": merged_state(net), "prediction_type": self._gen().denoiser.prediction_type}
+            self._finish_stage(self.stage_steps[old_stage], merged_state(net), self._gen().denoiser.prediction_type)
             if kind != "mse":  # a fresh discriminator for every adversarial stage
                 self._disc().load_state_dict(self._disc_init)
                 _inner(self.players["discriminator"].optimizer).state.clear()
@@ -592,7 +677,9 @@ class LightningMethod(Method):
         for group in g_opt.param_groups:
             group["lr"] = lr
         d_groups = _inner(self.players["discriminator"].optimizer).param_groups
-        d_groups[0]["lr"], d_groups[1]["lr"] = self.cfg.lr_discriminator, self.cfg.lr_head
+        d_groups[-1]["lr"] = self.cfg.lr_head
+        if len(d_groups) > 1:
+            d_groups[0]["lr"] = self.cfg.lr_discriminator
         self.phase = j
         self._apply_mode(j)
 
@@ -713,7 +800,6 @@ class LightningMethod(Method):
     def to(self, device: Any) -> "LightningMethod":
         self._device = torch.device(device) if not isinstance(device, torch.device) else device
         self.teacher.to(device)
-        self._template.to(device)
         if self._stage_teacher is not None:
             self._stage_teacher.to(device)
         return self
@@ -734,7 +820,7 @@ class LightningMethod(Method):
         """Every stage's student so far, by steps (the current stage's as it is now)."""
         out = {}
         for k, f in self.finished.items():
-            out[k] = LightningStudent(self._plain(f["state"], f["prediction_type"]),
+            out[k] = LightningStudent(self._plain(self._stage_state(k), f["prediction_type"]),
                                       student_timesteps(self.schedule, k))
         out[self.steps_now] = self.student()
         return dict(sorted(out.items(), reverse=True))
@@ -757,9 +843,10 @@ class LightningMethod(Method):
         return written
 
     def extra_state(self) -> dict[str, Any]:
+        """The phase and the finished stages: in a run their file names and hashes (the weights are written once
+        under ``<run>/stages/``), so a checkpoint holds only the players' state besides."""
         return {"phase": self.phase, "phases": [list(p) for p in self.phases],
-                "finished": {str(k): {"state": {n: v.detach().cpu() for n, v in f["state"].items()},
-                                      "prediction_type": f["prediction_type"]} for k, f in self.finished.items()}}
+                "finished": {str(k): dict(f) for k, f in self.finished.items()}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if not state:
@@ -769,8 +856,7 @@ class LightningMethod(Method):
             raise UserError("the checkpoint was trained with another phase plan (ladder, objective, phase_weights or "
                             "iterations); resume with the config it was made with")
         self.phase = int(state["phase"])
-        self.finished = {int(k): {"state": dict(f["state"]), "prediction_type": str(f["prediction_type"])}
-                         for k, f in state.get("finished", {}).items()}
+        self.finished = {int(k): dict(f) for k, f in state.get("finished", {}).items()}
         self._cache = None
         self._apply_mode(self.phase)
 
