@@ -187,16 +187,20 @@ def set_aside(run_dir: str | Path) -> Path | None:
         i = 1
         while moved.exists():
             moved, i = run_dir.with_name(f"{run_dir.name}.before-restart-{stamp}-{i}"), i + 1
+        cause = "another process did not move it"
         if state.is_main_process:
             try:
                 run_dir.rename(moved)
+                warnings.warn(f"--restart: moved the earlier run in {run_dir} to {moved}; starting over",
+                              stacklevel=2)
             except OSError as e:
-                raise UserError(f"cannot move {run_dir} aside to {moved} ({e.strerror}); move or remove it "
-                                f"yourself, or choose a new --out") from None
-            warnings.warn(f"--restart: moved the earlier run in {run_dir} to {moved}; starting over", stacklevel=2)
+                cause = e.strerror or type(e).__name__
+        state.wait_for_everyone()
+        if run_dir.is_dir() and any(run_dir.iterdir()):  # on every process alike (no one waits for a failed one)
+            raise UserError(f"cannot move {run_dir} aside to {moved} ({cause}); move or remove it yourself, or "
+                            f"choose a new --out")
     elif run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a directory; choose a new --out")
-    state.wait_for_everyone()
     return moved
 
 
