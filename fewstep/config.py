@@ -140,6 +140,15 @@ class DMD2Config(BaseModel):
     gan: bool = Field(True, description="Train the GAN classifier head on the fake score's bottleneck features.")
     gan_head_weight: float = Field(1e-2, ge=0, description="Weight of the head's GAN loss next to the fake score's denoising loss.")
     gan_generator_weight: float = Field(3e-3, ge=0, description="lambda_G: weight of the generator's GAN loss next to L_dm.")
+    gan_start_iteration: int = Field(
+        0, ge=0,
+        description="Loop iteration from which the GAN trains (head loss and lambda_G term; before it: DMD2 without "
+                    "GAN). DMD2's SD 1.5 model adds the GAN in a second run resumed from the GAN-free one "
+                    "(experiments/sdv1.5/*_resume*.sh); this does it in one run.")
+    gan_stage_lr: float | None = Field(
+        None, gt=0, le=MAX_LR,
+        description="Learning rate of both players from gan_start_iteration on (DMD2's SD 1.5 GAN resume: 5e-7); "
+                    "None = lr_generator / lr_fake throughout.")
     regression: bool = Field(False, description="DMD (v1): add an L2 regression loss to teacher ODE pairs.")
     regression_weight: float = Field(0.25, ge=0, description="Weight of the regression loss (DMD v1).")
     regression_pairs: int = Field(1024, ge=1, description="Noise/image pairs precomputed with the teacher's ODE (DMD v1).")
@@ -148,17 +157,35 @@ class DMD2Config(BaseModel):
         (0.02, 0.98), description="Share of the time range the distribution matching loss draws t from (DMD2: 2%..98%).")
     lr_generator: float = Field(1e-4, gt=0, le=MAX_LR, description="AdamW learning rate of the generator.")
     lr_fake: float = Field(1e-4, gt=0, le=MAX_LR, description="AdamW learning rate of the fake score and GAN head.")
-    adam_betas: tuple[float, float] = Field((0.0, 0.999), description="AdamW betas (both players).")
+    adam_betas: tuple[float, float] = Field(
+        (0.0, 0.999),
+        description="AdamW betas (both players). The DMD2 code uses (0.9, 0.999) (main/train_sd.py, PyTorch's "
+                    "default); (0, 0.999) is what the digits/grid25 benchmarks ran with (not compared with 0.9).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (DMD2 reference: 0.01).")
-    warmup_iterations: int = Field(20, ge=0, description="Linear learning-rate warm-up (updates of each player).")
+    warmup_iterations: int = Field(
+        20, ge=0, description="Linear learning-rate warm-up length, counted in warmup_unit.")
+    warmup_unit: Literal["updates", "iterations"] = Field(
+        "updates",
+        description="What warmup_iterations counts: 'updates' of each player (the generator's warm-up then spans "
+                    "warmup_iterations x ttur loop iterations; the digits/grid25 benchmarks' setting) or loop "
+                    "'iterations' for both players (the DMD2 code steps both schedulers every iteration, "
+                    "main/train_sd.py).")
     grad_clip: float | None = Field(10.0, gt=0, description="Max gradient norm (DMD2 reference: 10).")
     ema_decay: float | None = Field(
         None, ge=0, lt=1, description="EMA of the generator (None: sample the raw generator, as the DMD2 reference).")
     lora_rank: int | None = Field(
         None, ge=1,
-        description="Train the generator and the fake score as LoRA adapters of this rank on the frozen teacher "
+        description="Train the players in lora_players as LoRA adapters of this rank on the frozen teacher "
                     "(fewstep.models.lora; the base weights are the teacher's, held once). None = full fine-tuning. "
                     "The GAN head is trained in full either way.")
+    lora_alpha: float | None = Field(
+        None, gt=0,
+        description="LoRA alpha: the adapters' output is scaled by lora_alpha / lora_rank (None: alpha = rank, scale "
+                    "1). DMD2's SDXL LoRA run: rank 64, alpha 8 (main/train_sd.py --lora_rank / --lora_alpha).")
+    lora_players: list[Literal["generator", "fake_score"]] = Field(
+        ["generator", "fake_score"], min_length=1,
+        description="Which players are LoRA adapters when lora_rank is set; the others train in full. DMD2's SDXL "
+                    "LoRA run adapts the generator only, with a full fake score (--generator_lora).")
     loop: LoopConfig = Field(default_factory=_default_distill_loop, description="Training loop options.")
 
 

@@ -600,6 +600,97 @@ def test_loop_keeps_the_teacher_frozen_and_follows_ttur(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Schedules and LoRA options of the GPU recipes (warm-up unit, GAN start, lora_alpha, lora_players)
+# ------------------------------------------------------------------------------------------------------------------
+def _lrs(m: DMD2Method, name: str, updates: int) -> list[float]:
+    """The learning rate of each of a player's first ``updates`` updates (its scheduler stepped after each)."""
+    import warnings
+
+    player, out = m.players[name], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": no optimizer step here
+        for _ in range(updates):
+            out.append(player.optimizer.param_groups[0]["lr"])
+            player.lr_scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("unit", ["updates", "iterations"])
+def test_warmup_counts_player_updates_or_loop_iterations(unit):
+    lr, w, ttur = 1e-3, 40, 10
+    m = dmd2(point_teacher(), gan=False, ttur=ttur, warmup_iterations=w, warmup_unit=unit, lr_generator=lr, lr_fake=lr)
+    gen, guid = _lrs(m, "generator", 6), _lrs(m, "guidance", 45)
+    # the guidance player updates every iteration: both units are the same for it
+    assert guid == pytest.approx([lr * min(1.0, (k + 1) / w) for k in range(45)], rel=1e-12)
+    # the generator's k-th update happens at iteration k * ttur
+    count = [k * ttur if unit == "iterations" else k for k in range(6)]
+    assert gen == pytest.approx([lr * min(1.0, (c + 1) / w) for c in count], rel=1e-12)
+    if unit == "iterations":  # warmed up by iteration 40, its 5th update (the 'updates' unit would take 400 iterations)
+        assert gen[4] == pytest.approx(lr) and gen[3] < lr
+    else:
+        assert gen[5] < lr / 6
+
+
+def test_gan_starts_at_its_iteration_with_its_own_learning_rate():
+    lr, stage_lr, start, ttur = 1e-3, 5e-5, 20, 5
+    m = dmd2(point_teacher(), gan=True, ttur=ttur, warmup_iterations=0, gan_start_iteration=start,
+             gan_stage_lr=stage_lr, lr_generator=lr, lr_fake=lr)
+    assert not m.gan_on(start - 1) and m.gan_on(start)
+    # before the start: no GAN terms on either side, and the head receives no gradient (AdamW leaves it alone)
+    head = m.players["guidance"].module.head
+    for it, on in ((start - 1, False), (start, True)):
+        for p in head.parameters():
+            p.grad = None
+        g_loss, g_stats = m.loss("generator", point_batch(), it)
+        d_loss, d_stats = m.loss("guidance", point_batch(), it)
+        assert ("gan_g" in g_stats) == on and ("gan_d" in d_stats) == on
+        d_loss.backward()
+        assert all((p.grad is not None) == on for p in head.parameters())
+    # the stage's learning rate from iteration `start` on: the generator's update 4 is at iteration 20
+    assert _lrs(m, "generator", 6) == pytest.approx([lr] * 4 + [stage_lr] * 2, rel=1e-12)
+    assert _lrs(m, "guidance", 22) == pytest.approx([lr] * start + [stage_lr] * 2, rel=1e-12)
+    # gan_start_iteration 0 (the default) keeps the GAN on from the first iteration
+    assert dmd2(point_teacher(), gan=True).gan_on(0) and not dmd2(point_teacher(), gan=False).gan_on(10**6)
+
+
+def test_lora_alpha_and_players():
+    teacher = image_teacher()
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    # default: both players are LoRA with alpha = rank (scale 1), as before these options existed
+    both = dmd2(teacher, lora_rank=4, gan=False)
+    for module in (both.players["generator"].module, both.players["guidance"].module.fake):
+        layers = [mod for mod in module.modules() if hasattr(mod, "scaling") and "default" in mod.scaling]
+        assert layers and all(mod.scaling["default"] == 1.0 for mod in layers)
+    # DMD2's SDXL LoRA run: the generator only, rank 64 / alpha 8 (here 4 / 0.5: the same 1/8 scale)
+    m = dmd2(teacher, lora_rank=4, lora_alpha=0.5, lora_players=["generator"], gan=True)
+    gen = m.players["generator"].module
+    fake = m.players["guidance"].module.fake
+    layers = [mod for mod in gen.modules() if hasattr(mod, "scaling") and "default" in mod.scaling]
+    assert layers and all(mod.scaling["default"] == 0.125 for mod in layers)
+    assert not any(".lora_" in n for n, _ in fake.named_parameters())
+    assert all(p.requires_grad for p in fake.parameters())  # a full fake score, a copy of its own
+    assert not teacher_ptrs & {p.data_ptr() for p in fake.parameters()}
+    frozen = [p for p in gen.parameters() if not p.requires_grad]
+    assert frozen and all(p.data_ptr() in teacher_ptrs for p in frozen)  # the generator's base is the teacher's
+    # the adapter's output is scaled by alpha / rank: y = W x + b + (alpha / r) B A x
+    lin = next(mod for mod in layers if isinstance(mod.base_layer, torch.nn.Linear))
+    with torch.no_grad():
+        lin.lora_B["default"].weight.normal_()
+        x = torch.randn(3, lin.base_layer.in_features)
+        a, b = lin.lora_A["default"].weight, lin.lora_B["default"].weight
+        assert_close(lin(x), lin.base_layer(x) + 0.125 * x @ a.T @ b.T)
+    # the optimizers: the generator's adapters; every fake-score weight and the head
+    in_opt = {id(q) for g in m.players["generator"].optimizer.param_groups for q in g["params"]}
+    assert in_opt == {id(q) for q in gen.parameters() if q.requires_grad}
+    n_guid = sum(q.numel() for g in m.players["guidance"].optimizer.param_groups for q in g["params"])
+    assert n_guid == sum(q.numel() for q in m.players["guidance"].module.parameters())
+    with pytest.raises(Exception, match="lora_players"):
+        DMD2Config(lora_players=[])
+    with pytest.raises(Exception, match="lora_players"):
+        DMD2Config(lora_players=["discriminator"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # 3. End to end: fewstep.distill on the embedded grid25 teacher
 # ------------------------------------------------------------------------------------------------------------------
 def _file_state(prefix: Path) -> dict:

@@ -9,6 +9,10 @@ bottleneck features. The frozen teacher ``D_real`` gives the real score, with CF
 * Guidance: the fake score's denoising loss on detached generator samples, plus ``w_head`` times the head's
   non-saturating loss on diffused real data against diffused generator samples.
 * TTUR (``ttur``): the guidance player updates every iteration, the generator every ``ttur``-th (DMD2 code).
+* Schedules: the GAN can start at a later iteration (``gan_start_iteration``, optionally with its own learning rate
+  ``gan_stage_lr``: DMD2's SD 1.5 GAN resume in one run), and the warm-up counts player updates or loop iterations
+  (``warmup_unit``; :func:`lr_factor`).
+* LoRA (``lora_rank``, ``lora_alpha``) on the players named in ``lora_players``; the others train in full.
 * Backward simulation: a k-step generator's training input ``x_{t_i}`` comes from its own sampler (no gradient),
   not from noised data (DMD2 sec. 4.5).
 * DMD (v1) ablation: no TTUR, no GAN, plus an L2 regression to teacher ODE pairs (Yin et al. 2023, eq. 9).
@@ -30,7 +34,6 @@ from ..diffusion.denoiser import Denoiser, guided
 from ..diffusion.samplers import sample as teacher_sample, student_timesteps
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
 from ..models.lora import apply_lora, share_frozen_weights, trainable
-from ..train.teacher import warmup_schedule
 from .base import Batch, Method, Player, batch_cond
 
 
@@ -54,6 +57,22 @@ def distribution_matching_grad(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> T
 def distribution_matching_loss(x: Tensor, grad: Tensor) -> Tensor:
     """``0.5 * mean (x - sg(x - grad))^2``: its gradient w.r.t. ``x`` is ``grad / x.numel()`` (DMD2 code)."""
     return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float(), reduction="mean")
+
+
+def lr_factor(update: int, stride: int, cfg: DMD2Config, base_lr: float) -> float:
+    """The learning-rate factor (of ``base_lr``) of a player's ``update``-th update, 0-based.
+
+    The player updates every ``stride``-th loop iteration (the generator: ``ttur``; the guidance player: 1), so that
+    update happens at iteration ``update * stride``. Warm-up: linear over ``warmup_iterations`` of ``warmup_unit``
+    (player updates, or loop iterations); from ``gan_start_iteration`` on, ``gan_stage_lr / base_lr`` if set.
+    """
+    it = update * stride
+    w = cfg.warmup_iterations
+    count = it if cfg.warmup_unit == "iterations" else update
+    factor = 1.0 if w == 0 else min(1.0, (count + 1) / w)
+    if cfg.gan and cfg.gan_stage_lr is not None and it >= cfg.gan_start_iteration:
+        factor *= cfg.gan_stage_lr / base_lr
+    return factor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,8 +140,9 @@ class DMD2Method(Method):
         generator = copy.deepcopy(teacher).train().requires_grad_(True)
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         if cfg.lora_rank is not None:  # LoRA players whose frozen base weights are the teacher's own
-            for copy_ in (generator, fake):
-                share_frozen_weights(apply_lora(copy_, cfg.lora_rank), self.teacher)
+            for name, copy_ in (("generator", generator), ("fake_score", fake)):
+                if name in cfg.lora_players:
+                    share_frozen_weights(apply_lora(copy_, cfg.lora_rank, cfg.lora_alpha), self.teacher)
         head = None
         if cfg.gan:
             probe = torch.zeros((1, *teacher.sample_shape))
@@ -131,13 +151,14 @@ class DMD2Method(Method):
             head = FeatureHead(feats.shape[1], feats.shape[-1] if feats.ndim == 4 else 0)
         g_mod, f_mod = Generator(generator), Guidance(fake, head)
 
-        def player(module: nn.Module, lr: float) -> Player:
+        def player(module: nn.Module, lr: float, stride: int) -> Player:
             opt = torch.optim.AdamW(trainable(module), lr=lr, betas=tuple(cfg.adam_betas),
                                     weight_decay=cfg.weight_decay)
-            return Player(module, opt, warmup_schedule(opt, cfg.warmup_iterations), cfg.grad_clip,
-                          cfg.ema_decay if module is g_mod else None)
+            schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, stride, cfg, lr))
+            return Player(module, opt, schedule, cfg.grad_clip, cfg.ema_decay if module is g_mod else None)
 
-        self.players = {"generator": player(g_mod, cfg.lr_generator), "guidance": player(f_mod, cfg.lr_fake)}
+        self.players = {"generator": player(g_mod, cfg.lr_generator, cfg.ttur),
+                        "guidance": player(f_mod, cfg.lr_fake, 1)}
         self.pairs: tuple[Tensor, Tensor, Tensor | None] | None = None
         if cfg.regression:
             self.pairs = self._regression_pairs()
@@ -193,10 +214,15 @@ class DMD2Method(Method):
         return z, torch.cat(images), labels
 
     # --- losses -------------------------------------------------------------------------------------------------
-    def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
-        return self._generator_loss(batch) if player == "generator" else self._guidance_loss(batch)
+    def gan_on(self, it: int) -> bool:
+        """Whether the GAN trains at iteration ``it`` (``gan`` and ``it >= gan_start_iteration``)."""
+        return self.cfg.gan and it >= self.cfg.gan_start_iteration
 
-    def _generator_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
+        gan = self.gan_on(it)
+        return self._generator_loss(batch, gan) if player == "generator" else self._guidance_loss(batch, gan)
+
+    def _generator_loss(self, batch: Batch, gan: bool = True) -> tuple[Tensor, dict[str, float]]:
         gen = self.players["generator"].module
         guidance = _unwrap(self.players["guidance"].module)  # not updated here: bypass DDP
         n, device = batch.x0.shape[0], batch.x0.device
@@ -210,7 +236,7 @@ class DMD2Method(Method):
         grad = distribution_matching_grad(x.detach(), real_x0, fake_x0)
         loss = distribution_matching_loss(x, grad)
         stats = {"dm": loss.detach(), "score_mismatch": (real_x0 - fake_x0).pow(2).flatten(1).sum(1).mean()}
-        if self.cfg.gan and self.cfg.gan_generator_weight > 0:
+        if gan and self.cfg.gan and self.cfg.gan_generator_weight > 0:
             t_gan = self.schedule.sample_train_t(n, device=device)
             x_gan = self.schedule.add_noise(x, torch.randn_like(x), t_gan)
             g_loss = nonsaturating_g_loss(guidance.logits(x_gan, t_gan, cond))
@@ -228,7 +254,7 @@ class DMD2Method(Method):
             stats["regression"] = reg.detach()
         return loss, stats
 
-    def _guidance_loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def _guidance_loss(self, batch: Batch, gan: bool = True) -> tuple[Tensor, dict[str, float]]:
         gen = self.players["generator"].module
         n, device = batch.x0.shape[0], batch.x0.device
         cond = self._cond(batch)
@@ -237,7 +263,7 @@ class DMD2Method(Method):
         t = self.schedule.sample_train_t(n, device=device)
         eps = torch.randn_like(x)
         gan_inputs = None
-        if self.cfg.gan:
+        if gan and self.cfg.gan:
             t_real = self.schedule.sample_train_t(n, device=device)
             t_fake = self.schedule.sample_train_t(n, device=device)
             x_real_t = self.schedule.add_noise(batch.x0, torch.randn_like(x), t_real)
