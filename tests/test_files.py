@@ -179,6 +179,16 @@ def test_damaged_or_foreign_model_files_are_one_line(fx, scratch, capsys, argv, 
     assert not any(scratch.iterdir()), list(scratch.iterdir())  # no output was started
 
 
+def test_a_student_whose_teacher_folder_lost_its_index_names_the_file(fx, scratch, capsys):
+    shutil.copytree(fx / "pipe", scratch / "pipe")
+    fewstep.distill(str(scratch / "pipe"), data="digits", out=scratch / "run", iterations=1, batch_size=4,
+                    evaluate_n=0)
+    (scratch / "pipe" / "model_index.json").unlink()
+    capsys.readouterr()
+    for argv in (["eval", "--model", "run", "--n", "10"], ["sample", "--student", "run", "--out", "s.png"]):
+        _one_line(capsys, argv, f"{scratch / 'pipe' / 'model_index.json'} is missing")
+
+
 def test_the_python_loaders_raise_one_line_user_errors(fx):
     from fewstep.student import load_student
 

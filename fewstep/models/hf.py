@@ -711,8 +711,8 @@ def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torc
     else:
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
-            raise UserError(f"{folder} is not a diffusers folder: it needs model_index.json (a pipeline) or "
-                            "config.json + weights (a model)")
+            raise UserError(missing_index_message(folder) or f"{folder} is not a diffusers folder: it needs "
+                            "model_index.json (a pipeline) or config.json + weights (a model)")
         cls_name = _read_json(cfg_path).get("_class_name", "")
         cls = _model_class(cls_name)
         family = FAMILIES[cls_name]
@@ -729,7 +729,8 @@ def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torc
                     model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
             except Exception as e:  # noqa: BLE001
                 msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise UserError(f"{folder}: diffusers cannot load this model ({msg})") from None
+                raise UserError(f"{folder}: diffusers cannot load this model ({msg}); copy it completely again or "
+                                "re-save it with save_pretrained") from None
         net_model = model if model.dtype == dtype else model.to(dtype)
         components = Components(folder, family)
     net_model.eval().requires_grad_(False)
