@@ -179,6 +179,17 @@ def test_damaged_or_foreign_model_files_are_one_line(fx, scratch, capsys, argv, 
     assert not any(scratch.iterdir()), list(scratch.iterdir())  # no output was started
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--student", "{fx}/foreign", "--out", "o.png"], "foreign/student.safetensors holds weights of another"),
+    (["teacher", "sample", "--teacher", "{fx}/bad_unet", "--out", "o.png"], "bad_unet/unet/diffusion_pytorch_model"),
+])
+def test_damaged_files_as_a_process(fx, scratch, argv, needle):
+    proc = subprocess.run([sys.executable, "-m", "fewstep.cli", *[a.replace("{fx}", str(fx)) for a in argv]],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr and not any(scratch.iterdir())
+
+
 def test_a_student_whose_teacher_folder_lost_its_index_names_the_file(fx, scratch, capsys):
     shutil.copytree(fx / "pipe", scratch / "pipe")
     fewstep.distill(str(scratch / "pipe"), data="digits", out=scratch / "run", iterations=1, batch_size=4,
