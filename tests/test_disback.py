@@ -454,3 +454,59 @@ def test_distill_shares_a_path_cache(tmp_path, registered):
     second = json.loads((tmp_path / "b" / "degradation_path.json").read_text())
     assert first["recorded_by_this_run"] and not second["recorded_by_this_run"]
     assert first["dir"] == second["dir"]
+
+
+def test_a_text_to_image_recording_uses_the_data_prompts_with_dropout_in_bf16(tmp_path, monkeypatch):
+    """On a tiny SD pipeline: the recording draws the data's prompts (the generator samples with them), trains the
+    copy on them and, at record_label_dropout, on the empty prompt, under bf16 autocast with gradient checkpointing;
+    both the conditional and the unconditional output of the recorded checkpoint move away from the teacher's."""
+    hf_tiny = pytest.importorskip("hf_tiny")
+    from fewstep.models.hf import load_diffusers
+
+    hf_tiny.sd_pipeline(tmp_path / "sd")
+    teacher = load_diffusers(tmp_path / "sd").eval()
+    bank = teacher.components.prompt_bank(["a red square", "a blue circle", "a green thing"])
+    seen = []
+    real = Denoiser.denoising_loss
+
+    def spy(self, x0, t, eps, cond=None):
+        seen.append((cond, torch.is_autocast_enabled("cpu"), self.net.model.is_gradient_checkpointing))
+        return real(self, x0, t, eps, cond)
+
+    monkeypatch.setattr(Denoiser, "denoising_loss", spy)
+    settings = RecordSettings(checkpoints=1, every=4, lr=1e-3, batch_size=8, label_dropout=0.5,
+                              mixed_precision="bf16", gradient_checkpointing=True)
+    path = record_degradation_path(teacher, copy.deepcopy(teacher), student_timesteps(teacher.schedule, 1),
+                                   settings, tmp_path / "paths")
+    assert len(seen) == 4 and all(autocast and gc for _, autocast, gc in seen)
+    rows = {tuple(v.flatten().tolist()) for v in bank.table["encoder_hidden_states"]}
+    null = tuple(teacher.null_cond(1)["encoder_hidden_states"].flatten().tolist())
+    drawn = [tuple(c["encoder_hidden_states"][i].flatten().tolist()) for c, _, _ in seen for i in range(8)]
+    assert set(drawn) <= rows | {null} and len(set(drawn) & rows) >= 2 and null in drawn  # prompts, and dropped ones
+    assert not teacher.net.model.is_gradient_checkpointing  # only the recording's copy recomputes
+    deg = copy.deepcopy(teacher)
+    path.load_into(deg, 1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0])
+    cond = teacher.prompt_lookup(torch.tensor([0, 1]))
+    with torch.no_grad():
+        for c in (cond, teacher.null_cond(cond)):
+            assert (deg(x, t, c) - teacher(x, t, c)).abs().max() > 1e-3
+    # another prompt bank is another path
+    teacher.components.prompt_bank(["something else"])
+    assert path_key(teacher, teacher, student_timesteps(teacher.schedule, 1), settings) != path.key
+
+
+def test_recording_settings_follow_the_loop_and_a_lora_rate_is_refused(tmp_path):
+    from fewstep.methods.disback import DisBackConfig
+
+    with pytest.raises(Exception, match="record_lr: set it explicitly"):
+        DisBackConfig(dmd2={"lora_rank": 4})
+    cfg = DisBackConfig(record_lr=5e-7, dmd2={"lora_rank": 4}, record_weight_decay=0.01, record_warmup=500,
+                        loop={"mixed_precision": "bf16", "gradient_checkpointing": True})
+    m = DisBackMethod(image_teacher(), cfg)
+    s = m.settings
+    assert (s.lr, s.weight_decay, s.warmup, s.mixed_precision, s.gradient_checkpointing) == \
+        (5e-7, 0.01, 500, "bf16", True)
+    m = DisBackMethod(image_teacher(), DisBackConfig(record_mixed_precision="no", record_gradient_checkpointing=False,
+                                                     loop={"mixed_precision": "bf16", "gradient_checkpointing": True}))
+    assert (m.settings.mixed_precision, m.settings.gradient_checkpointing) == ("no", False)

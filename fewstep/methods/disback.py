@@ -17,11 +17,15 @@ distribution. DisBack gives the generator a path to follow instead of the endpoi
 Choices where the paper and METHODS.md are silent, following the public DisBack code (SDXL on DMD2) where it is sound:
 
 * Recording trains only ``D_deg`` (METHODS.md stage 1); the reference code also trains the GAN head during recording,
-  which DMD2 trains from scratch here. Optimiser: AdamW ``betas (0.9, 0.999)``, no weight decay, gradient clipping
-  at 10, learning rate ``record_lr`` (default: the wrapped method's fake-score learning rate, as the reference code's
-  recording uses DMD2's own guidance settings). Times are drawn as in teacher training; with a class-conditional
-  teacher the labels are uniform and dropped to the null class with ``record_label_dropout`` so that CFG's
-  unconditional branch degrades too.
+  which DMD2 trains from scratch here. Optimiser: AdamW ``betas (0.9, 0.999)``, gradient clipping at 10 (the
+  reference's), weight decay ``record_weight_decay``, warm-up ``record_warmup``, learning rate ``record_lr`` (the
+  reference's degradation script: 5e-7, batch 1, weight decay 0.01, 500 warm-up steps; default: the wrapped method's
+  fake-score rate, refused when that is a LoRA rate). Precision and gradient checkpointing follow the loop's
+  (``record_mixed_precision``, ``record_gradient_checkpointing``): the copy trains in float32 under bf16 autocast and
+  the frozen generator is held in bf16, and the recording runs before anything else is moved to the GPU. Times are
+  drawn as in teacher training. Conditions: uniform class labels, or a text-to-image teacher's prompts drawn
+  uniformly from its prompt bank (the data's captions; the generator samples with them), dropped to the null
+  condition with ``record_label_dropout`` so that CFG's unconditional branch degrades too.
 * The reference code loads each checkpoint with ``strict=False`` under mismatched key prefixes (so nothing loads)
   and its switch condition allows one switch only. Here every switch is a ``strict=True`` ``load_state_dict`` of the
   checkpoint's own network state into the one frozen target copy, and every stage is reached (tests check both).
@@ -56,6 +60,7 @@ from ..diffusion.denoiser import Denoiser, guided
 from ..diffusion.samplers import sample_student
 from ..errors import UserError
 from ..io import atomic_write, atomic_write_json
+from ..models.checkpointing import enable_gradient_checkpointing
 from ..options import MAX_LR
 from .base import Batch, Method
 from .dmd2 import _unwrap
@@ -66,7 +71,7 @@ except Exception:  # pragma: no cover - only while add.py is missing or broken
     _ADDConfig = None
 
 PATH_FORMAT = "fewstep-degradation-path"
-PATH_VERSION = 1
+PATH_VERSION = 2  # 2: text-to-image recordings use the data's prompts; warm-up, weight decay and precision
 #: keys every distillation config has; under DisBack they are set once, at the top level, for the wrapped method too
 SHARED_FIELDS = ("method", "teacher", "data", "steps", "loop")
 
@@ -121,14 +126,31 @@ class DisBackConfig(BaseModel):
                     "Reference code: 100 (1,000 recording iterations). Ours: 30 (120, under 10% of a run's budget).")
     record_lr: float | None = Field(
         None, gt=0, le=MAX_LR,
-        description="AdamW learning rate of the degrading teacher copy (None: the wrapped method's fake-score rate, "
-                    "dmd2.lr_fake; for ADD, add.lr_generator).")
+        description="AdamW learning rate of the degrading teacher copy, a full network (reference code: 5e-7, "
+                    "--guidance_lr of its degradation script). None: the wrapped method's fake-score rate "
+                    "(dmd2.lr_fake; for ADD, add.lr_generator), refused when that is a LoRA rate.")
     record_batch_size: int | None = Field(
-        None, ge=1, description="Batch of initial-generator samples per recording iteration (None: loop.batch_size).")
+        None, ge=1, description="Batch of initial-generator samples per recording iteration (reference code: 1 on one "
+                                "GPU). None: loop.batch_size.")
+    record_weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay of the recording (reference code: 0.01, PyTorch's default).")
+    record_warmup: int = Field(
+        0, ge=0, description="Linear learning-rate warm-up of the recording, in iterations (reference code: 500, "
+                             "DMD2's constant_with_warmup).")
+    record_mixed_precision: Literal["no", "bf16"] | None = Field(
+        None,
+        description="Precision of the recording: 'bf16' trains the fp32 copy under bf16 autocast with the initial "
+                    "generator held in bf16 (reference code: --use_fp16, bf16 autocast); 'no' = float32. None: "
+                    "loop.mixed_precision (fp16 records in float32: no loss scaler there).")
+    record_gradient_checkpointing: bool | None = Field(
+        None, description="Recompute the copy's activations in backward during the recording (None: "
+                          "loop.gradient_checkpointing).")
     record_label_dropout: float = Field(
         0.1, ge=0, le=1,
-        description="Class-conditional teachers: probability of training the copy on the null class, so that CFG's "
-                    "unconditional branch degrades too (as in teacher training).")
+        description="Probability of training the copy on the null condition (null class, or the empty prompt of a "
+                    "text-to-image teacher, whose recording uses the data's prompts), so that CFG's unconditional "
+                    "branch degrades too, as in teacher training. The reference code trains on prompts only (its "
+                    "real score's unconditional branch drifts only through shared weights).")
     record_seed: int = Field(
         0, ge=0,
         description="Seed of the recording's draws (apart from loop.seed, so runs with other seeds share the path).")
@@ -167,6 +189,11 @@ class DisBackConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "DisBackConfig":
+        base = getattr(self, self.base)
+        if self.record_lr is None and base is not None and getattr(base, "lora_rank", None):
+            raise ValueError(f"record_lr: set it explicitly (reference code: 5e-7); the default, {self.base}'s own "
+                             f"rate, is a LoRA rate here (lora_rank {base.lora_rank}) and the recording trains a full "
+                             f"copy of the teacher")
         if self.switch_every is None and self.switch_threshold is None:
             raise ValueError("set switch_every or switch_threshold (or both): otherwise the target never moves")
         other = "add" if self.base == "dmd2" else "dmd2"
@@ -282,6 +309,10 @@ class RecordSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = 10.0
+    warmup: int = 0
+    mixed_precision: str = "no"  # "bf16": fp32 copy under bf16 autocast, the frozen generator in bf16
+    #: activation recomputation: memory only (not in the cache key; the path is the same function of the settings)
+    gradient_checkpointing: bool = False
 
     @property
     def iterations(self) -> int:
@@ -290,7 +321,8 @@ class RecordSettings:
     def as_dict(self) -> dict[str, Any]:
         return {"checkpoints": self.checkpoints, "every": self.every, "lr": self.lr, "batch_size": self.batch_size,
                 "label_dropout": self.label_dropout, "seed": self.seed, "betas": list(self.betas),
-                "weight_decay": self.weight_decay, "grad_clip": self.grad_clip}
+                "weight_decay": self.weight_decay, "grad_clip": self.grad_clip, "warmup": self.warmup,
+                "mixed_precision": self.mixed_precision}
 
 
 def path_key(teacher: Denoiser, generator: Denoiser, timesteps: Tensor, settings: RecordSettings) -> str:
@@ -305,6 +337,7 @@ def path_key(teacher: Denoiser, generator: Denoiser, timesteps: Tensor, settings
         "prediction_type": teacher.prediction_type,
         "sample_shape": list(teacher.sample_shape),
         "num_classes": teacher.num_classes,
+        "prompts": _prompt_hash(teacher),
         "settings": settings.as_dict(),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
@@ -379,6 +412,38 @@ def open_degradation_path(root: str | Path, key: str, teacher: Denoiser) -> Degr
     return path
 
 
+def _prompt_hash(teacher: Denoiser) -> str | None:
+    """SHA-256 of a text-to-image teacher's prompt bank (the recording's conditions), None for other teachers."""
+    if not getattr(teacher, "text_conditional", False):
+        return None
+    bank = getattr(getattr(teacher, "components", None), "prompts", None)
+    return None if bank is None else state_hash(bank.table)
+
+
+def _draw_condition(teacher: Denoiser, n: int, rng: torch.Generator, device: Any) -> Any:
+    """One recording batch's conditions, on ``device``: uniform class labels; for a text-to-image teacher the
+    embeddings of uniformly drawn captions of its prompt bank (the data's prompts); None when unconditional."""
+    if teacher.num_classes > 0:
+        return torch.randint(0, teacher.num_classes, (n,), generator=rng).to(device)
+    if not getattr(teacher, "text_conditional", False):
+        return None
+    bank = getattr(getattr(teacher, "components", None), "prompts", None)
+    if bank is None or len(bank) == 0:
+        raise UserError("DisBack's recording on a text-to-image teacher needs the data's prompts; give --data a "
+                        "folder with captions (img.png + img.txt, or metadata.jsonl / captions.txt)")
+    idx = torch.randint(0, len(bank), (n,), generator=rng)
+    return {k: v.to(device) for k, v in teacher.prompt_lookup(idx).items()}
+
+
+def _drop_condition(teacher: Denoiser, cond: Any, drop: Tensor) -> Any:
+    """``cond`` with the samples where ``drop`` is True set to the null condition (null class / empty prompt)."""
+    null = teacher.null_cond(cond)
+    if isinstance(cond, dict):
+        return {k: torch.where(drop.view(-1, *([1] * (v.ndim - 1))), null[k].to(v.device, v.dtype), v)
+                for k, v in cond.items()}
+    return torch.where(drop, null.to(cond.device), cond)
+
+
 def record_degradation_path(
     teacher: Denoiser,
     generator: Denoiser,
@@ -411,11 +476,24 @@ def record_degradation_path(
     folder = Path(root) / key
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     schedule = teacher.schedule
+    bf16 = settings.mixed_precision == "bf16"
+    # D_deg trains in float32 (its optimizer state too) under bf16 autocast; the frozen generator is held in bf16,
+    # as the loop holds frozen weights (fewstep.train.memory.cast_frozen_parameters)
     deg = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(deg)
     gen = copy.deepcopy(generator).to(device).eval().requires_grad_(False)
+    if bf16:
+        with torch.no_grad():
+            for p in gen.parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)
     ts = timesteps.to(device)
     opt = torch.optim.AdamW(deg.parameters(), lr=settings.lr, betas=settings.betas,
                             weight_decay=settings.weight_decay)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / settings.warmup)) \
+        if settings.warmup > 0 else None
+    autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     rng = torch.Generator().manual_seed(settings.seed)  # every draw of the recording comes from here
     n, shape = settings.batch_size, tuple(teacher.sample_shape)
     losses: list[float] = []
@@ -428,24 +506,24 @@ def record_degradation_path(
     try:
         for i in range(settings.iterations):
             z = torch.randn((n, *shape), generator=rng)
-            labels = None
-            if teacher.num_classes > 0:
-                labels = torch.randint(0, teacher.num_classes, (n,), generator=rng)
-            with torch.no_grad():
-                x0 = sample_student(gen, z.to(device), ts, None if labels is None else labels.to(device),
-                                    generator=rng)
+            gen_cond = _draw_condition(teacher, n, rng, device)
+            with torch.no_grad(), autocast():
+                x0 = sample_student(gen, z.to(device), ts, gen_cond, generator=rng).float()
             t = schedule.sample_train_t(n, generator=rng).to(device)
             eps = torch.randn((n, *shape), generator=rng).to(device)
             cond = None
-            if labels is not None:
+            if gen_cond is not None:
                 drop = torch.rand(n, generator=rng) < settings.label_dropout
-                cond = torch.where(drop, teacher.null_cond(labels), labels).to(device)
-            loss = deg.denoising_loss(x0, t, eps, cond).mean()
+                cond = _drop_condition(teacher, gen_cond, drop.to(device))
+            with autocast():
+                loss = deg.denoising_loss(x0, t, eps, cond).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(deg.parameters(), settings.grad_clip)
             opt.step()
+            if warm is not None:
+                warm.step()
             window.append(float(loss.detach()))
             bar.update(1)
             if (i + 1) % settings.every == 0:
@@ -588,10 +666,14 @@ class DisBackMethod(Method):
         self.timesteps = self.base.timesteps
         self.backtrack = Backtrack(cfg.record_checkpoints, cfg.switch_every, cfg.switch_threshold, cfg.switch_window)
         lr = cfg.record_lr if cfg.record_lr is not None else float(self.spec.record_lr(base_cfg))
+        precision = cfg.record_mixed_precision or ("bf16" if cfg.loop.mixed_precision == "bf16" else "no")
+        checkpointing = (cfg.loop.gradient_checkpointing if cfg.record_gradient_checkpointing is None
+                         else cfg.record_gradient_checkpointing)
         self.settings = RecordSettings(
             checkpoints=cfg.record_checkpoints, every=cfg.record_every, lr=lr,
             batch_size=cfg.record_batch_size or cfg.loop.batch_size, label_dropout=cfg.record_label_dropout,
-            seed=cfg.record_seed)
+            seed=cfg.record_seed, weight_decay=cfg.record_weight_decay, warmup=cfg.record_warmup,
+            mixed_precision=precision, gradient_checkpointing=bool(checkpointing))
         # a snapshot: the recording needs the generator as it starts, whenever it runs (freed once the path is ready)
         self.initial_generator: Denoiser | None = copy.deepcopy(self.base.inference_model()).eval().requires_grad_(False)
         self.key = path_key(teacher, self.initial_generator, self.timesteps, self.settings)
@@ -657,9 +739,11 @@ class DisBackMethod(Method):
 
     # --- Method -------------------------------------------------------------------------------------------------
     def to(self, device: Any) -> "DisBackMethod":
+        # record first, while everything else is still where it was built (the CPU): the GPU then holds only the
+        # recording's own copy being trained and the initial generator (see RecordSettings.mixed_precision)
+        self.prepare(device)
         self.base.to(device)
         self.target.to(device)
-        self.prepare(device)
         return self
 
     def updates(self, it: int) -> list[str]:

@@ -7,7 +7,7 @@ and player state (weights + optimizer) gathered from and scattered to FSDP shard
   parameters, their optimizer state and the EMA stay in float32. The original dtypes come back after training, so
   evaluation and export outside autocast see the dtypes they were loaded in (holding the bf16-rounded values training
   used).
-* :func:`enable_gradient_checkpointing` -- recompute activations in the backward pass on every network of a player
+* :func:`enable_gradient_checkpointing` (from :mod:`fewstep.models.checkpointing`) -- recompute activations in the backward pass on every network of a player
   that supports it (diffusers models, our :class:`~fewstep.models.unet.ClassUNet`).
 * :func:`player_state` / :func:`load_player_state` -- a player's module and optimizer state. Unsharded (one process,
   DDP): the module's ``state_dict`` and the optimizer's index-keyed ``state_dict``, as before. Sharded (FSDP 1 or
@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from ..models.checkpointing import enable_gradient_checkpointing  # noqa: F401  (the loop's import; lives below methods)
 
 #: how a checkpoint's optimizer state is keyed: "index" (torch's own ``Optimizer.state_dict``) or "fqn" (parameter
 #: names, torch.distributed.checkpoint's full state dict, written under FSDP)
@@ -119,33 +121,6 @@ def count_parameters(modules: Iterable[nn.Module]) -> dict[str, int]:
                 seen.add(id(p))
                 out["trainable" if p.requires_grad else "frozen"] += p.numel()
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Gradient checkpointing
-# ----------------------------------------------------------------------------------------------------------------
-def enable_gradient_checkpointing(module: nn.Module) -> int:
-    """Turn on activation recomputation in every network inside ``module`` that supports it: diffusers models
-    (``ModelMixin.enable_gradient_checkpointing``, where ``_supports_gradient_checkpointing``), our ClassUNet (same
-    method name) and transformers models (``gradient_checkpointing_enable``). Returns how many were enabled."""
-    enabled: list[nn.Module] = []
-    for m in module.modules():
-        if any(m is e or _is_descendant(m, e) for e in enabled):
-            continue
-        if getattr(m, "_supports_gradient_checkpointing", True) is False:
-            continue
-        fn = getattr(m, "enable_gradient_checkpointing", None) or getattr(m, "gradient_checkpointing_enable", None)
-        if callable(fn):
-            try:
-                fn()
-            except (ValueError, NotImplementedError):
-                continue  # a diffusers/transformers model that does not support it
-            enabled.append(m)
-    return len(enabled)
-
-
-def _is_descendant(m: nn.Module, ancestor: nn.Module) -> bool:
-    return any(m is d for d in ancestor.modules())
 
 
 # ----------------------------------------------------------------------------------------------------------------
