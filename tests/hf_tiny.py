@@ -201,3 +201,42 @@ def captioned_images(folder: Path, n: int = 8, size: int = 16, caption: str = "a
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{prefix}{i}.png")
         (folder / f"{prefix}{i}.txt").write_text(caption.format(i=i))
     return folder
+
+
+class FakeViT(torch.nn.Module):
+    """The slice of timm's VisionTransformer that fewstep's TimmFeatures uses (blocks, forward_features,
+    forward_head): a stand-in for DINOv2 where timm or its weights are not installed."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, dim: int = 12, patch: int = 4, depth: int = 5) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, dim))
+                                            for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward_features(self, x):
+        tok = self.patch(x).flatten(2).transpose(1, 2)
+        return self.norm(self.blocks(torch.cat([self.cls.expand(len(x), -1, -1), tok], 1)))
+
+    def forward_head(self, x, pre_logits=False):
+        return x[:, 0]
+
+
+def fake_timm(monkeypatch, folder: Path) -> Path:
+    """Make ``import timm`` give a module whose ``create_model`` builds a :class:`FakeViT`, and write that ViT's
+    weights to ``folder``; returns the weights file (a recipe's ``feature_weights``)."""
+    import sys
+    import types
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    weights = folder / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in FakeViT().state_dict().items()}, str(weights))
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(
+        create_model=lambda name, pretrained, num_classes, **kw: FakeViT()))
+    return weights

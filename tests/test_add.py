@@ -43,6 +43,7 @@ from fewstep.models.features import (
     multi_features,
 )
 import tiny
+from hf_tiny import FakeViT, fake_timm
 from tiny import image_batch, image_teacher, params, point_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,35 +359,15 @@ def test_timm_feature_network_errors_name_what_to_provide(tmp_path, monkeypatch)
         add(image_teacher(), feature_network="timm", feature_weights=str(missing))
 
 
-class _FakeViT(nn.Module):
-    """The slice of timm's VisionTransformer that TimmFeatures uses: blocks, forward_features, forward_head."""
-
-    num_prefix_tokens = 1
-
-    def __init__(self, dim: int = 12, patch: int = 4, depth: int = 5) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim))
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-
-    def forward_features(self, x):
-        tok = self.patch(x).flatten(2).transpose(1, 2)
-        return self.norm(self.blocks(torch.cat([self.cls.expand(len(x), -1, -1), tok], 1)))
-
-    def forward_head(self, x, pre_logits=False):
-        return x[:, 0]
-
-
 def test_timm_loading_path_with_a_stand_in_module(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    reference = _FakeViT()
+    reference = FakeViT()
     weights = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
-    fake_timm = types.SimpleNamespace(create_model=lambda name, pretrained, num_classes, **kw: _FakeViT())
-    monkeypatch.setitem(sys.modules, "timm", fake_timm)
+    stand_in = types.SimpleNamespace(create_model=lambda name, pretrained, num_classes, **kw: FakeViT())
+    monkeypatch.setitem(sys.modules, "timm", stand_in)
     feats = TimmFeatures("fake_vit", weights, num_layers=3, resolution=16)
     assert feats.block_names == ["blocks.0", "blocks.2", "blocks.4"]
     x = (torch.rand(2, 1, 8, 8) * 2 - 1).requires_grad_()
@@ -570,9 +551,9 @@ def test_image_embedding_conditions_both_sides_only_below_T(monkeypatch):
     disc = m.players["discriminator"].module
     real_logits = disc.logits
 
-    def spy(features, labels=None, c_img=None):
+    def spy(features, labels=None, c_img=None, c_text=None):
         seen.append((labels, c_img))
-        return real_logits(features, labels, c_img)
+        return real_logits(features, labels, c_img, c_text)
 
     monkeypatch.setattr(disc, "logits", spy)
     batch = image_batch(16)
@@ -688,3 +669,176 @@ def test_distill_end_to_end_tiny_image_teacher(tmp_path, with_add):
     row = read_metrics(out / "metrics.jsonl")[-1]
     assert {"generator/adv", "generator/distill", "discriminator/hinge"} <= set(row)
     assert row["nonfinite_skipped"] == 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. ADD on latent text-to-image teachers: pure noise at the first student time, text-conditioned heads, the
+#    distillation term's space (tiny diffusers pipelines, tests/hf_tiny.py)
+# ------------------------------------------------------------------------------------------------------------------
+SD_SCHEDULE = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD 1.x / SDXL
+
+
+def test_the_first_student_time_is_pure_noise_where_alpha_is_not_zero():
+    from fewstep.diffusion.samplers import initial_noise
+
+    m = add(tiny.point_teacher(schedule=SD_SCHEDULE), distill_weight=0.0)
+    ts = m.train_timesteps
+    a999, s999 = (float(v) for v in SD_SCHEDULE.alpha_sigma(ts[:1]))
+    assert ts[0] == 999.0 and 0.06 < a999 < 0.075  # SD's T - 1 keeps 6.8% of x0: the gap this closes
+    x0 = torch.full((512, 2), 50.0)  # a large x0: any leak of it would show
+    torch.manual_seed(1)
+    x_s, s = m._student_input(x0)
+    torch.manual_seed(1)  # the same draws, in the same order: s, then eps
+    s_ref = ts[torch.randint(0, len(ts), (512,))]
+    eps = torch.randn_like(x0)
+    assert torch.equal(s, s_ref)
+    first = s == ts[0]
+    assert first.any() and (~first).any()
+    # at tau_1: exactly the sampler's start from the same noise, nothing of x0
+    assert torch.equal(x_s[first], initial_noise(SD_SCHEDULE, eps, ts[0])[first])
+    assert_close(x_s[first], s999 * eps[first], rtol=0, atol=0)
+    # below it: the forward process as before
+    assert torch.equal(x_s[~first], SD_SCHEDULE.add_noise(x0, eps, s)[~first])
+
+
+@pytest.fixture(scope="module")
+def tiny_text_teachers(tmp_path_factory):
+    """A tiny SD 1.x pipeline (no pooled prompt embedding) and a tiny SDXL one (pooled ``text_embeds``), loaded as
+    teachers with a bank of 4 prompts."""
+    hf_tiny = pytest.importorskip("hf_tiny")
+    from fewstep.models.hf import load_diffusers
+
+    root = tmp_path_factory.mktemp("text")
+    out = {}
+    for name, build in (("sd", hf_tiny.sd_pipeline), ("sdxl", hf_tiny.sdxl_pipeline)):
+        build(root / name)
+        teacher = load_diffusers(root / name)
+        teacher.components.prompt_bank(["a red fox", "a blue car", "two cats", "the sea"])
+        out[name] = teacher
+    return out
+
+
+def _text_batch(teacher, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tiny.Batch(torch.randn((n, *teacher.sample_shape), generator=g), torch.arange(n) % 4)
+
+
+def test_text_embedding_is_the_pooled_prompt_or_the_mean_token(tiny_text_teachers):
+    from fewstep.models.discriminators import text_embedding
+
+    sd, sdxl = tiny_text_teachers["sd"], tiny_text_teachers["sdxl"]
+    idx = torch.tensor([0, 1, 2])
+    c_sd, c_xl = sd.prompt_lookup(idx), sdxl.prompt_lookup(idx)
+    assert "text_embeds" not in c_sd and "text_embeds" in c_xl
+    assert_close(text_embedding(c_sd), c_sd["encoder_hidden_states"].mean(1), rtol=0, atol=0)
+    assert_close(text_embedding(c_xl), c_xl["text_embeds"], rtol=0, atol=0)
+    assert text_embedding(torch.tensor([1, 2])) is None and text_embedding(None) is None
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_heads_are_conditioned_on_the_prompt(tiny_text_teachers, name):
+    from fewstep.models.discriminators import text_embedding
+
+    teacher = tiny_text_teachers[name]
+    m = add(teacher, feature_network="teacher", image_conditioning=False)
+    disc = m.players["discriminator"].module
+    width = text_embedding(teacher.null_cond(1)).shape[1]
+    assert all(h.text_proj is not None and h.text_proj.in_features == width for h in disc.heads)
+    assert all(h.class_embed is None for h in disc.heads)  # prompts are not class labels
+    with torch.no_grad():
+        for h in disc.heads:
+            h.text_proj.weight.normal_()
+    batch = _text_batch(teacher)
+    layers, _ = m.features(batch.x0)
+    cond = teacher.prompt_lookup(batch.labels)
+    other = teacher.prompt_lookup((batch.labels + 1) % 4)
+    a = disc.logits(layers, None, None, text_embedding(cond))
+    b = disc.logits(layers, None, None, text_embedding(other))
+    assert all(not torch.allclose(x, y) for x, y in zip(a, b))  # the same features, another prompt: other logits
+    # the method passes each sample's own prompt to the heads, the same one on the real and the fake side
+    seen = []
+    real_logits = disc.logits
+
+    def spy(features, labels=None, c_img=None, c_text=None):
+        seen.append((labels, c_text))
+        return real_logits(features, labels, c_img, c_text)
+
+    disc.logits = spy
+    try:
+        loss, _ = m.loss("discriminator", batch, 0)
+        loss.backward()
+        m.loss("generator", batch, 0)
+    finally:
+        del disc.logits
+    assert len(seen) == 3 and all(lab is None for lab, _ in seen)
+    for _, c_text in seen:
+        assert_close(c_text, text_embedding(cond), rtol=0, atol=0)
+    assert all(h.text_proj.weight.grad is not None and h.text_proj.weight.grad.abs().sum() > 0 for h in disc.heads)
+
+
+def _count_decodes(teacher, monkeypatch):
+    calls = []
+    comps = teacher.components
+    original = comps.decode_with_grad
+
+    def spy(z):
+        calls.append(torch.is_grad_enabled() and z.requires_grad)
+        return original(z)
+
+    monkeypatch.setattr(comps, "decode_with_grad", spy)
+    return calls
+
+
+def test_distill_space_latent_or_pixel(tiny_text_teachers, monkeypatch):
+    teacher = tiny_text_teachers["sd"]
+    batch = _text_batch(teacher)
+    with pytest.raises(Exception, match="distill_space"):
+        ADDConfig(distill_space="rgb")
+    assert ADDConfig().distill_space == "latent"
+    losses, methods = {}, {}
+    for space in ("latent", "pixel"):
+        calls = _count_decodes(teacher, monkeypatch)
+        methods[space] = m = add(teacher, adversarial=False, distill_space=space, seed=0)
+        torch.manual_seed(3)
+        loss, stats = m.loss("generator", batch, 0)
+        # latent: nothing decoded; pixel: the student's x0 with gradient, the teacher's target without
+        assert calls == ([] if space == "latent" else [True, False]), space
+        losses[space] = (loss, stats)
+        monkeypatch.undo()
+    # the pixel loss is c(t) ||D(x_hat) - D(x_psi)||^2 on the decoded images: recompute it from the same draws
+    m = add(teacher, adversarial=False, distill_space="pixel", seed=0)
+    torch.manual_seed(3)
+    x_s, s = m._student_input(batch.x0)
+    x_hat = m.players["generator"].module(x_s, s, teacher.prompt_lookup(batch.labels))
+    t = m._t_distill(len(x_hat), x_hat.device)
+    eps = torch.randn_like(x_hat)
+    with torch.no_grad():
+        target = guided(teacher, m.cfg.guidance_scale)(teacher.schedule.add_noise(x_hat, eps, t), t,
+                                                       teacher.prompt_lookup(batch.labels))
+    decode = teacher.components.decode_with_grad
+    a, sig = teacher.schedule.alpha_sigma(t)
+    expected = distillation_loss(decode(x_hat), decode(target).detach(), distillation_weight(a, sig, "exponential"))
+    assert_close(losses["pixel"][0], m.cfg.distill_weight * expected)
+    assert not torch.allclose(losses["pixel"][0], losses["latent"][0])
+    # the gradient reaches the student through the decoder, and not the frozen VAE
+    losses["pixel"][0].backward()
+    gen = methods["pixel"].players["generator"].module
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+    assert all(p.grad is None for p in teacher.components.vae.parameters())
+
+
+def test_pixel_features_and_pixel_distill_share_one_decode(tiny_text_teachers, monkeypatch, tmp_path):
+    teacher = tiny_text_teachers["sdxl"]
+    weights = fake_timm(monkeypatch, tmp_path)
+    calls = _count_decodes(teacher, monkeypatch)
+    m = add(teacher, feature_network="timm", feature_weights=str(weights), feature_resolution=16,
+            distill_space="pixel")
+    calls.clear()  # (building the heads probed the feature shapes)
+    loss, stats = m.loss("generator", _text_batch(teacher), 0)
+    # one decode with gradient (the student's x0, read by the ViT and by L_distill); c_img's real x0 and the
+    # teacher's target are decoded without
+    assert calls.count(True) == 1 and len(calls) == 3
+    loss.backward()
+    gen = m.players["generator"].module
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+    assert {"adv", "distill"} <= set(stats)

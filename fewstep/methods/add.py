@@ -5,17 +5,21 @@ trainable heads ``D_phi,k`` on the features ``F_k`` of a frozen feature network 
 (:mod:`fewstep.models.features`). The frozen teacher ``D_psi`` gives the score distillation target.
 
 * Student input (ADD sec. 3.1): real data ``x0``, ``s`` drawn uniformly from ``T_student = {tau_1..tau_n}``
-  (:func:`~fewstep.diffusion.samplers.student_timesteps` with ``n = student_times``; ``tau_1 = T - 1`` is pure
-  noise under zero terminal SNR), ``x_s = alpha_s x0 + sigma_s eps`` and ``x_hat = G(x_s, s, c)``. The student then
-  samples in ``steps`` steps from pure noise (1..4 for ADD's ``n = 4``).
+  (:func:`~fewstep.diffusion.samplers.student_timesteps` with ``n = student_times``), ``x_s = alpha_s x0 + sigma_s
+  eps`` and ``x_hat = G(x_s, s, c)``. The first time ``tau_1 = T - 1`` is pure noise, as ADD enforces zero terminal
+  SNR: ``x_s = sigma_s eps``, exactly where the sampler starts (on SD's schedule ``alpha_999 = 0.068``, so the
+  plain formula would show the student part of ``x0`` there). The student then samples in ``steps`` steps from pure
+  noise (1..4 for ADD's ``n = 4``).
 * Adversarial loss (ADD eq. 2-3, hinge): generator ``L_adv = -sum_k D_k(F_k(x_hat))``; discriminator
   ``sum_k [max(0, 1 - D_k(F_k(x0))) + max(0, 1 + D_k(F_k(x_hat)))] + gamma R1`` with R1 on the heads' input
-  features of real data. Heads are projection-conditioned on the class and, for ``s < T``, on ``c_img``: the
-  feature network's pooled embedding of the real ``x0`` the student's input was made from (the same ``c_img``
-  conditions the real and the fake logit of a pair).
+  features of real data. Heads are projection-conditioned on the class or the prompt (``c_text``: the pooled prompt
+  embedding, or the mean of its token embeddings; :func:`~fewstep.models.discriminators.text_embedding`) and, for
+  ``s < T``, on ``c_img``: the feature network's pooled embedding of the real ``x0`` the student's input was made
+  from (the same ``c_text`` and ``c_img`` condition the real and the fake logit of a pair).
 * Score distillation loss (ADD eq. 4-5): ``x_hat_t = alpha_t sg(x_hat) + sigma_t eps'`` -- the teacher sees only the
   diffused student sample -- ``x_psi = D_psi^w(x_hat_t, t, c)`` without gradient, and
-  ``L_distill = E[c(t) || x_hat - sg(x_psi) ||^2]`` (:func:`score_distillation_loss`).
+  ``L_distill = E[c(t) || x_hat - sg(x_psi) ||^2]`` (:func:`score_distillation_loss`), on a latent teacher in its
+  latent space or, as the paper does (sec. 3.1), on the VAE-decoded pixels of both (``distill_space``).
 * Generator objective ``L_adv + lambda L_distill`` (``distill_weight``, 2.5 in the paper). Ablations: ``adversarial:
   false`` (distillation only) and ``distill_weight: 0`` (adversarial only).
 
@@ -37,7 +41,7 @@ are in the config's help texts):
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +50,11 @@ from torch import Tensor, nn
 
 from ..config import RESOLUTION_DESCRIPTION, STRICT, TEACHER_DESCRIPTION, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, _cat_cond, guided
-from ..diffusion.samplers import student_timesteps
+from ..diffusion.samplers import initial_noise, student_timesteps
 from ..diffusion.schedule import Schedule, bcast
 from ..errors import UserError
-from ..models.discriminators import ADDDiscriminator, hinge_g_loss
-from ..models.features import DIGITS_SHAPES, FeatureNetwork, build_feature_network
+from ..models.discriminators import ADDDiscriminator, hinge_g_loss, text_embedding
+from ..models.features import DIGITS_SHAPES, DecodedFeatures, FeatureNetwork, build_feature_network
 from ..models.lora import apply_lora, share_frozen_weights, trainable
 from ..options import MAX_LR, MAX_RESOLUTION
 from ..train.teacher import warmup_schedule
@@ -105,6 +109,11 @@ class ADDConfig(BaseModel):
         (0.02, 0.98),
         description="Share of the time range t of L_distill is drawn from uniformly (2%..98%, as DMD2/SDS practice: "
                     "the ends carry no signal -- sigma ~ 0 or alpha ~ 0).")
+    distill_space: Literal["latent", "pixel"] = Field(
+        "latent",
+        description="Space of L_distill on a latent teacher: 'latent' (its samples as they are) or 'pixel' (the "
+                    "student's and the teacher's x0 decoded by the frozen VAE, with gradient through the decoder; ADD "
+                    "sec. 3.1: more stable gradients). On a pixel-space teacher both are the same.")
     nfsd_t_split: float = Field(
         0.2, gt=0, lt=1,
         description="NFSD: below this share of the time range delta_D is the unconditional prediction, above it "
@@ -249,6 +258,8 @@ def score_distillation_loss(
     weighting: str = "exponential",
     guidance_scale: float = 1.0,
     nfsd_split: float | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    decoded: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """ADD's score distillation loss for student samples ``x_hat`` at times ``t`` with noise ``eps'`` (caller-drawn).
 
@@ -265,6 +276,9 @@ def score_distillation_loss(
         weighting: ``exponential``, ``sds`` or ``nfsd`` (:func:`distillation_weight`).
         guidance_scale: the teacher's CFG scale ``w`` (NFSD's ``s``).
         nfsd_split: NFSD's split time in native units (``t < split`` is "small").
+        decode: pixel-space loss: ``c(t) || decode(x_hat) - sg(decode(x_psi)) ||^2`` (a latent teacher's VAE
+            decoding with gradient); None = in the samples' own space.
+        decoded: ``decode(x_hat)`` when the caller has it already (ADD's pixel feature networks read it too).
 
     Returns:
         The loss and stats: ``distill`` (the loss) and ``distill_mse`` (the unweighted mean squared residual).
@@ -286,8 +300,13 @@ def score_distillation_loss(
         else:
             target = guided(teacher, guidance_scale)(x_t, t, cond)
     c = distillation_weight(alpha, sigma, weighting)
-    loss = distillation_loss(x_hat, target, c)
-    mse = (x_hat.detach().float() - target.float()).pow(2).mean()
+    pred = x_hat
+    if decode is not None:  # pixel space: both x0 decoded; the gradient reaches x_hat through the frozen decoder
+        pred = decoded if decoded is not None else decode(x_hat)
+        with torch.no_grad():
+            target = decode(target)
+    loss = distillation_loss(pred, target, c)
+    mse = (pred.detach().float() - target.float()).pow(2).mean()
     return loss, {"distill": loss.detach(), "distill_mse": mse}
 
 
@@ -329,9 +348,21 @@ class ADDMethod(Method):
                 timm_model=cfg.timm_model, timm_layers=cfg.timm_layers, resolution=cfg.feature_resolution,
                 seed=cfg.loop.seed)
             shapes, img_dim = self.features.shapes(teacher.sample_shape)
+            null_text = text_embedding(teacher.null_cond(1)) if getattr(teacher, "text_conditional", False) else None
             disc = ADDDiscriminator(shapes, cfg.head_width, teacher.num_classes,
-                                    img_dim if cfg.image_conditioning else 0)
+                                    img_dim if cfg.image_conditioning else 0,
+                                    0 if null_text is None else int(null_text.shape[1]))
             modules["discriminator"] = (disc, cfg.lr_discriminator)
+        # a latent teacher's samples decoded once per generator step, with gradient, for whatever reads pixels: the
+        # pixel feature networks (DecodedFeatures) and a pixel-space L_distill
+        self.decoded_features = isinstance(self.features, DecodedFeatures)
+        self.pixel_distill = cfg.distill_space == "pixel" and bool(getattr(teacher, "latent", False))
+        self.decode: Callable[[Tensor], Tensor] | None = None
+        if self.decoded_features or self.pixel_distill:
+            self.decode = teacher.components.decode_with_grad
+            vae = teacher.components.vae
+            if cfg.loop.gradient_checkpointing and getattr(vae, "_supports_gradient_checkpointing", False):
+                vae.enable_gradient_checkpointing()  # only acts under autograd: sampling's decodes are unchanged
 
         def player(module: nn.Module, lr: float) -> Player:
             opt = torch.optim.AdamW(trainable(module), lr=lr, betas=tuple(cfg.adam_betas),
@@ -366,10 +397,13 @@ class ADDMethod(Method):
         return batch_cond(batch, self.teacher)
 
     def _student_input(self, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x_s, s)``: ``s`` uniform over ``T_student`` per sample, ``x_s = alpha_s x0 + sigma_s eps``."""
+        """``(x_s, s)``: ``s`` uniform over ``T_student`` per sample, ``x_s = alpha_s x0 + sigma_s eps``; at the
+        first time, pure noise ``sigma_s eps`` (zero terminal SNR: the sampler's own start, whatever ``alpha_s``)."""
         ts = self.train_timesteps.to(x0.device)
         s = ts[torch.randint(0, len(ts), (x0.shape[0],), device=x0.device)]
-        return self.schedule.add_noise(x0, torch.randn_like(x0), s), s
+        eps = torch.randn_like(x0)
+        first = (s == ts[0]).reshape(-1, *([1] * (x0.ndim - 1)))
+        return torch.where(first, initial_noise(self.schedule, eps, ts[0]), self.schedule.add_noise(x0, eps, s)), s
 
     def _t_distill(self, n: int, device: Any) -> Tensor:
         lo, hi = self.cfg.distill_t_range
@@ -380,7 +414,12 @@ class ADDMethod(Method):
         """``c_img`` of the real ``x0`` for samples with ``s < T``, zero where the student saw pure noise."""
         if not self.cfg.image_conditioning:
             return None
-        return pooled * (s < self.schedule.t_max).to(pooled.dtype)[:, None]
+        return pooled * (s < self.train_timesteps[0].to(s.device)).to(pooled.dtype)[:, None]
+
+    @staticmethod
+    def _disc_cond(cond: Any) -> tuple[Tensor | None, Tensor | None]:
+        """The heads' conditions: class labels, or ``c_text`` of a prompt condition."""
+        return (cond if torch.is_tensor(cond) else None), text_embedding(cond)
 
     # --- losses -------------------------------------------------------------------------------------------------
     def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
@@ -393,6 +432,7 @@ class ADDMethod(Method):
         x_hat = gen(x_s, s, cond)
         loss = x_hat.new_zeros(())
         stats: dict[str, Any] = {}
+        pixels = self.decode(x_hat) if self.decode is not None else None  # with gradient through the frozen VAE
         if self.cfg.adversarial:
             assert self.features is not None
             disc = _unwrap(self.players["discriminator"].module)  # not updated here: bypass DDP
@@ -400,15 +440,22 @@ class ADDMethod(Method):
             if self.cfg.image_conditioning:
                 with torch.no_grad():
                     c_img = self._image_embedding(self.features(batch.x0)[1], s)
-            fake_layers, _ = self.features(x_hat)  # the frozen network passes the gradient to x_hat
-            logits = disc.logits(fake_layers, cond, c_img)
+            # the frozen network passes the gradient to x_hat
+            if self.decoded_features:
+                assert isinstance(self.features, DecodedFeatures) and pixels is not None
+                fake_layers, _ = self.features.inner(pixels)
+            else:
+                fake_layers, _ = self.features(x_hat)
+            labels, c_text = self._disc_cond(cond)
+            logits = disc.logits(fake_layers, labels, c_img, c_text)
             adv = sum(hinge_g_loss(lg) for lg in logits)
             loss = loss + adv
             stats["adv"] = adv.detach()
         if self.cfg.distill_weight > 0:
             t = self._t_distill(x_hat.shape[0], x_hat.device)
-            dist, dstats = score_distillation_loss(self.teacher, x_hat, t, torch.randn_like(x_hat), cond,
-                                                   self.cfg.weighting, self.cfg.guidance_scale, self.nfsd_split)
+            dist, dstats = score_distillation_loss(
+                self.teacher, x_hat, t, torch.randn_like(x_hat), cond, self.cfg.weighting, self.cfg.guidance_scale,
+                self.nfsd_split, self.decode if self.pixel_distill else None, pixels)
             loss = loss + self.cfg.distill_weight * dist
             stats.update(dstats)
         stats["recon_mse"] = F.mse_loss(x_hat.detach().float(), batch.x0.float())  # how much of x0 survives s
@@ -423,8 +470,9 @@ class ADDMethod(Method):
             x_hat = gen(x_s, s, cond)
             real_layers, pooled = self.features(batch.x0)
             fake_layers, _ = self.features(x_hat)
-        return self.players["discriminator"].module(real_layers, fake_layers, cond, self._image_embedding(pooled, s),
-                                                    self.cfg.r1_gamma)
+        labels, c_text = self._disc_cond(cond)
+        return self.players["discriminator"].module(real_layers, fake_layers, labels, self._image_embedding(pooled, s),
+                                                    self.cfg.r1_gamma, c_text)
 
     # --- outputs ------------------------------------------------------------------------------------------------
     def inference_model(self) -> Denoiser:

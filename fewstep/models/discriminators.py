@@ -2,6 +2,8 @@
 feature network with projection conditioning, hinge loss and R1 on the heads' inputs (ADD)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,11 +63,12 @@ class ProjectionHead(nn.Module):
     ``(B, C, H, W)`` (linear layers and one-group GroupNorm, i.e. LayerNorm, on vectors ``(B, C)``), averaged over space to ``phi(f)`` of width ``width``. The
     output is the projection discriminator (Miyato & Koyama 2018, eq. 3)
 
-        ``D_k(f) = w^T phi(f) + b + <e(c) + P c_img, phi(f)> / sqrt(width)``
+        ``D_k(f) = w^T phi(f) + b + <e(c) + Q c_text + P c_img, phi(f)> / sqrt(width)``
 
-    with ``e`` a learned class embedding (absent for an unconditional teacher) and ``P`` a learned linear map of the
-    L2-normalised image embedding ``c_img`` (absent with ``img_dim = 0``; a zero ``c_img`` -- ADD's ``s = T`` -- adds
-    nothing). The ``1 / sqrt(width)`` is StyleGAN-T's ``cmap`` scaling. GroupNorm (no batch statistics) keeps each
+    with ``e`` a learned class embedding (absent for an unconditional teacher), ``Q`` a learned linear map of the
+    L2-normalised text embedding ``c_text`` (:func:`text_embedding`; absent with ``text_dim = 0``) and ``P`` one of
+    the L2-normalised image embedding ``c_img`` (absent with ``img_dim = 0``; a zero ``c_img`` -- ADD's ``s = T`` --
+    adds nothing). The ``1 / sqrt(width)`` is StyleGAN-T's ``cmap`` scaling. GroupNorm (no batch statistics) keeps each
     sample's logit a function of that sample alone, so R1 is a per-sample gradient.
 
     Args:
@@ -74,9 +77,11 @@ class ProjectionHead(nn.Module):
         width: hidden width.
         num_classes: classes of the condition (0 = none).
         img_dim: width of ``c_img`` (0 = no image conditioning).
+        text_dim: width of ``c_text`` (0 = no text conditioning).
     """
 
-    def __init__(self, channels: int, spatial: int = 0, width: int = 64, num_classes: int = 0, img_dim: int = 0):
+    def __init__(self, channels: int, spatial: int = 0, width: int = 64, num_classes: int = 0, img_dim: int = 0,
+                 text_dim: int = 0):
         super().__init__()
         if spatial == 0:  # one group: a LayerNorm over the hidden units
             self.phi = nn.Sequential(nn.Linear(channels, width), nn.GroupNorm(1, width), nn.LeakyReLU(0.2),
@@ -89,11 +94,13 @@ class ProjectionHead(nn.Module):
         self.out = nn.Linear(width, 1)
         self.class_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None  # + the null class
         self.img_proj = nn.Linear(img_dim, width, bias=False) if img_dim > 0 else None
+        self.text_proj = nn.Linear(text_dim, width, bias=False) if text_dim > 0 else None
         self.width = width
         self.config = {"channels": channels, "spatial": spatial, "width": width, "num_classes": num_classes,
-                       "img_dim": img_dim}
+                       "img_dim": img_dim, "text_dim": text_dim}
 
-    def forward(self, features: Tensor, labels: Tensor | None = None, c_img: Tensor | None = None) -> Tensor:
+    def forward(self, features: Tensor, labels: Tensor | None = None, c_img: Tensor | None = None,
+                c_text: Tensor | None = None) -> Tensor:
         """One logit per sample, ``(B,)``."""
         h = self.phi(features)
         if h.ndim > 2:
@@ -104,6 +111,9 @@ class ProjectionHead(nn.Module):
             cmap = self.class_embed(labels.long())
         if self.img_proj is not None and c_img is not None:
             proj = self.img_proj(F.normalize(c_img.to(h.dtype), dim=1))
+            cmap = proj if cmap is None else cmap + proj
+        if self.text_proj is not None and c_text is not None:
+            proj = self.text_proj(F.normalize(c_text.to(h.dtype), dim=1))
             cmap = proj if cmap is None else cmap + proj
         if cmap is not None:
             logits = logits + (cmap * h).sum(1) / self.width**0.5
@@ -123,17 +133,20 @@ class ADDDiscriminator(nn.Module):
         width: the heads' hidden width.
         num_classes: classes of the condition (0 = unconditional).
         img_dim: width of the image embedding ``c_img`` (0 = no image conditioning).
+        text_dim: width of the text embedding ``c_text`` (0 = no text conditioning).
     """
 
-    def __init__(self, shapes: list[tuple[int, ...]], width: int = 64, num_classes: int = 0, img_dim: int = 0):
+    def __init__(self, shapes: list[tuple[int, ...]], width: int = 64, num_classes: int = 0, img_dim: int = 0,
+                 text_dim: int = 0):
         super().__init__()
         self.heads = nn.ModuleList(
-            ProjectionHead(s[0], s[-1] if len(s) == 3 else 0, width, num_classes, img_dim) for s in shapes)
+            ProjectionHead(s[0], s[-1] if len(s) == 3 else 0, width, num_classes, img_dim, text_dim) for s in shapes)
 
-    def logits(self, features: list[Tensor], labels: Tensor | None = None, c_img: Tensor | None = None) -> list[Tensor]:
+    def logits(self, features: list[Tensor], labels: Tensor | None = None, c_img: Tensor | None = None,
+               c_text: Tensor | None = None) -> list[Tensor]:
         """``[D_k(F_k)]``, each ``(B,)``."""
         assert len(features) == len(self.heads), (len(features), len(self.heads))
-        return [head(f, labels, c_img) for head, f in zip(self.heads, features)]
+        return [head(f, labels, c_img, c_text) for head, f in zip(self.heads, features)]
 
     def forward(
         self,
@@ -142,12 +155,14 @@ class ADDDiscriminator(nn.Module):
         labels: Tensor | None = None,
         c_img: Tensor | None = None,
         r1_gamma: float = 0.0,
+        c_text: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The discriminator loss and its parts (``hinge``, ``r1``, mean ``real_logit`` / ``fake_logit``)."""
+        """The discriminator loss and its parts (``hinge``, ``r1``, mean ``real_logit`` / ``fake_logit``); a real
+        sample and the fake one made from it share ``labels``, ``c_img`` and ``c_text``."""
         r1_on = r1_gamma > 0 and torch.is_grad_enabled()
         real_in = [f.detach().requires_grad_(r1_on) for f in real_features]
-        real = self.logits(real_in, labels, c_img)
-        fake = self.logits([f.detach() for f in fake_features], labels, c_img)
+        real = self.logits(real_in, labels, c_img, c_text)
+        fake = self.logits([f.detach() for f in fake_features], labels, c_img, c_text)
         hinge = sum(hinge_d_loss(r, f) for r, f in zip(real, fake))
         loss = hinge
         stats = {"hinge": hinge.detach(), "real_logit": torch.stack([r.detach().mean() for r in real]).mean(),
@@ -157,6 +172,19 @@ class ADDDiscriminator(nn.Module):
             loss = loss + r1_gamma * r1
             stats["r1"] = r1.detach()
         return loss, stats
+
+
+def text_embedding(cond: Any) -> Tensor | None:
+    """``c_text`` of a prompt condition (a dict of prompt embeddings, :meth:`Components.encode_prompts`), ``(B, D)``
+    in float32: the pooled embedding where the pipeline has one (SDXL's ``text_embeds``, SD3/Flux's
+    ``pooled_projections``), else the mean of the token embeddings ``encoder_hidden_states`` (SD 1.x/2.x). None for
+    class labels or no condition."""
+    if not isinstance(cond, dict):
+        return None
+    for key in ("text_embeds", "pooled_projections"):
+        if key in cond:
+            return cond[key].float().flatten(1)
+    return cond["encoder_hidden_states"].float().mean(1)
 
 
 def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
