@@ -27,6 +27,10 @@ DEFAULT_SAMPLER = "heun"
 DEFAULT_STEPS = 32
 
 
+class _NoTeacher(UserError):
+    """Nothing loadable at a teacher spec (:func:`load_model` then names students too)."""
+
+
 def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.dtype | None = None) -> Denoiser:
     """Load a teacher denoiser.
 
@@ -63,7 +67,7 @@ def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.d
 
         if missing_index_message(path):
             raise UserError(missing_index_message(path))
-        raise UserError(
+        raise _NoTeacher(
             f"no teacher at {spec_s!r}: give an embedded name ({', '.join(zoo.TEACHERS)}), "
             "a run directory from `fewstep teacher train`, a .safetensors file with its .json, or a diffusers folder"
         )
@@ -103,7 +107,12 @@ def load_model(spec: str | Path) -> Any:
             return load_student(path.with_suffix(""))
     if path.is_dir() and (path / "config.yaml").is_file() and not (path / "model.json").is_file():
         raise UserError(f"{path} holds no finished model yet; finish the run with --resume")
-    return load_teacher(spec)
+    try:
+        return load_teacher(spec)
+    except _NoTeacher:
+        raise UserError(f"no model at {str(spec)!r}: give a `fewstep distill` run directory (or its student.json), "
+                        f"an embedded teacher ({', '.join(zoo.TEACHERS)}), a `fewstep teacher train` run directory, "
+                        "a .safetensors file with its .json, or a diffusers folder") from None
 
 
 def model_data(model: Any) -> str | None:

@@ -170,6 +170,7 @@ LOAD_CASES = [
     (["distill", "--teacher", "{fx}/no_index", "--data", "digits", "--out", "r"], ["no_index/model_index.json"]),
     (["teacher", "sample", "--teacher", "{fx}/bad_unet", "--out", "o.png"],
      ["bad_unet/unet/diffusion_pytorch_model.safetensors"]),
+    (["sample", "--student", "{fx}/nothing", "--out", "o.png"], ["no model at", "nothing", "`fewstep distill` run"]),
 ]
 
 
