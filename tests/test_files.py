@@ -360,6 +360,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_resumes(scratch, cap
 
 @pytest.mark.parametrize("fragment, name, cause", [
     (".step_00000004.png.", "run/samples/step_00000004.png", "Permission denied"),
+    (".step_00000004.png.", "run/samples/step_00000004.png", "No space left on device"),
     (".report.html.", "run/report.html", "No space left on device"),
 ])
 def test_a_failed_grid_or_report_write_is_one_line(scratch, capsys, monkeypatch, fragment, name, cause):
