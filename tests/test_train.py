@@ -508,6 +508,9 @@ def test_sdxl_recipe_runs_on_a_tiny_sdxl_pipeline(tmp_path: Path, monkeypatch: p
         iterations = 4  # one per phase
     if method == "disback":
         cfg.update(record_checkpoints=2, record_every=1, switch_every=1)
+    if method == "add" and cfg.get("feature_network") == "timm":  # DINOv2 through timm: a stand-in ViT and its file
+        cfg.update(feature_weights=str(pytest.importorskip("hf_tiny").fake_timm(monkeypatch, tmp_path / "vit")),
+                   feature_resolution=16)
     cfg["loop"].update(iterations=iterations, batch_size=2, checkpoint_every=iterations, sample_every=0,
                        log_every=1, progress=False)
     with warnings.catch_warnings():
