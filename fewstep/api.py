@@ -105,6 +105,9 @@ def load_model(spec: str | Path) -> Any:
             kind = None
         if kind == "student":
             return load_student(path.with_suffix(""))
+    if path.is_dir() and (path / "student.safetensors").is_file():
+        raise UserError(f"{path / 'student.json'} is missing: the student's weights need the description saved "
+                        "beside them; copy it back from where the run was made")
     if path.is_dir() and (path / "config.yaml").is_file() and not (path / "model.json").is_file():
         raise UserError(f"{path} holds no finished model yet; finish the run with --resume")
     try:

@@ -58,6 +58,8 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     damaged("garbage", np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     damaged("foreign", (root / "digits_run" / "student.safetensors").read_bytes())  # a real file of another net
     damaged("notjson", weights, "[1, 2]")
+    shutil.copytree(root / "ring8_run", root / "no_json")
+    (root / "no_json" / "student.json").unlink()
     damaged("badjson", weights, '{"format": "fewstep-denoiser", ')
     state = load_file(ring8.with_suffix(".safetensors"))
     key = sorted(state)[0]
@@ -170,6 +172,7 @@ LOAD_CASES = [
     (["distill", "--teacher", "{fx}/no_index", "--data", "digits", "--out", "r"], ["no_index/model_index.json"]),
     (["teacher", "sample", "--teacher", "{fx}/bad_unet", "--out", "o.png"],
      ["bad_unet/unet/diffusion_pytorch_model.safetensors"]),
+    (["sample", "--student", "{fx}/no_json", "--out", "o.png"], ["no_json/student.json is missing"]),
     (["sample", "--student", "{fx}/nothing", "--out", "o.png"], ["no model at", "nothing", "`fewstep distill` run"]),
 ]
 
