@@ -58,6 +58,9 @@ def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.d
         from .models.hf import load_diffusers
 
         return load_diffusers(path, dtype=dtype or torch.float32, resolution=resolution)
+    elif path.is_dir() and (path / "model.safetensors").is_file():
+        raise UserError(f"{path / 'model.json'} is missing: the teacher's weights need the description saved beside "
+                        "them; copy it back from where the run was made")
     elif path.is_dir() and (path / "student.json").is_file():
         raise UserError(f"{path} is a distillation run (its student.json is a student, not a teacher); distill from "
                         "its teacher (its config.yaml names it), or sample the student with `fewstep sample "

@@ -60,6 +60,8 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     damaged("notjson", weights, "[1, 2]")
     shutil.copytree(root / "ring8_run", root / "no_json")
     (root / "no_json" / "student.json").unlink()
+    _copy_pair(ZOO / "ring8", root / "teacher_no_json", "model")
+    (root / "teacher_no_json" / "model.json").unlink()
     damaged("badjson", weights, '{"format": "fewstep-denoiser", ')
     state = load_file(ring8.with_suffix(".safetensors"))
     key = sorted(state)[0]
@@ -173,6 +175,7 @@ LOAD_CASES = [
     (["teacher", "sample", "--teacher", "{fx}/bad_unet", "--out", "o.png"],
      ["bad_unet/unet/diffusion_pytorch_model.safetensors"]),
     (["sample", "--student", "{fx}/no_json", "--out", "o.png"], ["no_json/student.json is missing"]),
+    (["distill", "--teacher", "{fx}/teacher_no_json", "--out", "r"], ["teacher_no_json/model.json is missing"]),
     (["sample", "--student", "{fx}/nothing", "--out", "o.png"], ["no model at", "nothing", "`fewstep distill` run"]),
 ]
 
