@@ -177,13 +177,26 @@ def lora_from_difference(student: nn.Module, teacher: nn.Module, rank: int, atol
 
 
 def lora_of_student(den: Any) -> dict[str, Tensor] | None:
-    """The PEFT adapters of a LoRA-trained student, keyed as the diffusers model's modules (None: not a LoRA)."""
+    """The PEFT adapters of a LoRA-trained student, keyed as the diffusers model's modules (None: not a LoRA).
+
+    Each ``B`` carries its layer's scale ``alpha / r``, so the file is exact when loaded at scale 1 (diffusers'
+    ``load_lora_weights`` without alphas)."""
     if not any(".lora_A." in n for n, _ in den.net.named_parameters()):
         return None
     from peft.utils import get_peft_model_state_dict
 
+    from .models.lora import ADAPTER
+
+    scales = {name: float(m.scaling[ADAPTER]) for name, m in den.net.named_modules()
+              if isinstance(getattr(m, "scaling", None), dict) and ADAPTER in m.scaling}
     state = get_peft_model_state_dict(den.net)
-    return {k.removeprefix("model."): v.detach().float().cpu().contiguous() for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        v = v.detach().float().cpu()
+        if ".lora_B." in k:
+            v = v * scales[k.split(".lora_B.")[0]]
+        out[k.removeprefix("model.")] = v.contiguous()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -690,6 +690,26 @@ def test_lora_alpha_and_players():
         DMD2Config(lora_players=["discriminator"])
 
 
+def test_a_lora_student_with_alpha_exports_its_scale_in_b():
+    """diffusers loads a LoRA file at scale 1 (no alphas stored), so the exported B carries alpha / r."""
+    from fewstep.export import lora_of_student
+    from fewstep.models.lora import apply_lora
+
+    den = apply_lora(image_teacher(), 4, alpha=0.5)
+    layers = {name: mod for name, mod in den.net.named_modules() if hasattr(mod, "scaling") and "default" in
+              getattr(mod, "scaling", {})}
+    with torch.no_grad():
+        for mod in layers.values():
+            mod.lora_B["default"].weight.normal_()
+    state = lora_of_student(den)
+    assert len(state) == 2 * len(layers)
+    for name, mod in layers.items():
+        a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+        a_out, b_out = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        # the change each layer's adapter makes, scale included, is the exported pair's at scale 1
+        assert_close(b_out.flatten(1) @ a_out.flatten(1), 0.125 * b.flatten(1) @ a.flatten(1))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 3. End to end: fewstep.distill on the embedded grid25 teacher
 # ------------------------------------------------------------------------------------------------------------------
