@@ -7,7 +7,8 @@ teacher is held once in memory however many LoRA players sit on it (README, "Mem
 
 Targets (default): every ``nn.Linear`` and ``nn.Conv2d`` of the network -- attention projections, feed-forwards,
 residual-block convolutions, time-embedding layers. ``B`` starts at zero, so a LoRA player starts exactly at the
-teacher. ``alpha`` defaults to ``rank`` (scale 1).
+teacher. ``alpha`` defaults to ``rank`` (scale 1); DMD2's ``lora_alpha`` sets it (its official SDXL LoRA run: rank 64,
+alpha 8, scale 1/8), and :func:`fewstep.export.lora_of_student` folds the scale into ``B`` for diffusers.
 """
 from __future__ import annotations
 
