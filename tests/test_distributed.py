@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -154,9 +155,12 @@ def test_two_processes_match_one_and_only_rank_0_writes(tmp_path: Path) -> None:
         for k in a:
             assert torch.equal(b[k], c[k]), (key, k)
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=steps * 4 * eps32 * w_max, msg=f"{key}.{k}")
-    moved = max((_tensors(one["params"])[k] - v).abs().max().item()
-                for k, v in _tensors(runs[1][0]["params"]).items())
-    assert moved == 0.0  # (sanity: the 1-process run is deterministic)
+    # (the comparison is not vacuous: training moved the weights far beyond that tolerance; the network as the
+    # script builds it)
+    torch.manual_seed(0)
+    init = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).state_dict()
+    moved = max((_tensors(one["params"])[k] - v).abs().max().item() for k, v in init.items())
+    assert moved > 1000 * steps * 4 * eps32 * w_max
 
     # logged means over processes equal the 1-process means
     rows1, rows2 = read_metrics(tmp_path / "run1" / "metrics.jsonl"), read_metrics(tmp_path / "run2" / "metrics.jsonl")
@@ -324,7 +328,9 @@ fsdp, seen = run("fsdp", True, 2)
 run("fsdp_resumed", True, 1)
 resumed, _ = run("fsdp_resumed", True, 2, resume=True)
 result = {"rank": state.process_index, "sampled_after_gather": seen.get("sharded"),
-          "fsdp_vs_ddp": max((fsdp[n][k] - ddp[n][k]).abs().max().item() for n in ddp for k in ddp[n]),
+          "fsdp_vs_ddp": [[(fsdp[n][k] - ddp[n][k]).abs().max().item(), ddp[n][k].abs().max().item(),
+                           ddp[n][k].numel()] for n in ddp for k in ddp[n] if ddp[n][k].is_floating_point()],
+          "lr": max(DMD2Config().lr_generator, DMD2Config().lr_fake), "beta1": DMD2Config().adam_betas[0],
           "resumed_vs_uninterrupted": max((resumed[n][k] - fsdp[n][k]).abs().max().item() for n in fsdp for k in fsdp[n])}
 ck = torch.load(f"{out}/fsdp/checkpoints/step_00000001.pt", weights_only=True)
 result["optimizer_format"] = ck["players"]["guidance"]["optimizer_format"]
@@ -336,15 +342,28 @@ json.dump(result, open(f"{out}/rank{state.process_index}.json", "w"))
 
 def test_fsdp_matches_ddp_and_resumes_from_its_optimizer_state(tmp_path: Path) -> None:
     """loop.fsdp (what configs/accelerate_fsdp.yaml turns on) shards DMD2's players with FSDP2 on 2 CPU processes:
-    the result equals DDP's (same global gradients; 1e-4 after 2 AdamW steps, float32 reduction order), a run resumed
+    the result equals DDP's (same global gradients, up to float32 reduction order: see the bound below), a run resumed
     from its step-1 checkpoint equals the uninterrupted one exactly (the checkpoint holds the full, name-keyed
     optimizer state), and the players are plain full-weight modules after training (sampling and saving work)."""
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP.replace("{tests!r}", repr(str(Path(__file__).parent))))
     launch(script, str(tmp_path), processes=2, timeout=240)
+    eps32, steps = torch.finfo(torch.float32).eps, 2
     for r in (0, 1):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert res["fsdp_vs_ddp"] < 1e-4, res
+        # FSDP reduces gradients in another order than DDP, so a gradient differs by rounding: a float32 sum of n
+        # terms by up to n eps of their absolute sum, relative 1e-4 for the n ~ 1e3 terms of a weight's gradient here
+        # (measured: 1e-5). AdamW's step is ~lr times the gradient's direction, so a step moves a weight by 4 ulps
+        # of |w| plus lr x 1e-4. But Adam divides out a gradient's size: a parameter whose gradient is itself only
+        # rounding noise (measured: two biases behind zero-initialised layers) moves ~lr a step in a direction the
+        # rounding picks; with beta1 = 0 step 1 moves lr, step 2 at most sqrt(2) lr, so the runs may differ there by
+        # 2 lr (1 + sqrt 2). Such parameters may hold at most 1% of the weights; everything else is within rounding.
+        assert res["beta1"] == 0.0  # the bound below is for beta1 = 0 (DMD2's default)
+        per = res["fsdp_vs_ddp"]
+        rounding = [steps * (4 * eps32 * w_max + res["lr"] * 1e-4) for _, w_max, _ in per]
+        assert all(d <= 2 * res["lr"] * (1 + math.sqrt(2)) + tol for (d, _, _), tol in zip(per, rounding)), res
+        noisy = sum(n for (d, _, n), tol in zip(per, rounding) if d > tol)
+        assert noisy <= 0.01 * sum(n for _, _, n in per), res
         assert res["resumed_vs_uninterrupted"] == 0.0, res
         assert res["optimizer_format"] == "fqn" and res["optimizer_state_keys"] > 0, res
     res0 = json.loads((tmp_path / "rank0.json").read_text())
