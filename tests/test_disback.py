@@ -510,3 +510,20 @@ def test_recording_settings_follow_the_loop_and_a_lora_rate_is_refused(tmp_path)
     m = DisBackMethod(image_teacher(), DisBackConfig(record_mixed_precision="no", record_gradient_checkpointing=False,
                                                      loop={"mixed_precision": "bf16", "gradient_checkpointing": True}))
     assert (m.settings.mixed_precision, m.settings.gradient_checkpointing) == ("no", False)
+
+
+def test_the_recording_runs_before_the_wrapped_method_is_moved_to_the_device(tmp_path, monkeypatch):
+    """Only the recording's own copy and the initial generator are on the GPU while it records: the wrapped method and
+    the target copy move after it."""
+    import fewstep.methods.disback as disback_module
+
+    m = disback(point_teacher(), tmp_path, record_checkpoints=1, record_every=1)
+    order = []
+    real_record = disback_module.record_degradation_path
+    monkeypatch.setattr(disback_module, "record_degradation_path",
+                        lambda *a, **k: (order.append("record"), real_record(*a, **k))[1])
+    monkeypatch.setattr(m.base, "to", lambda device: order.append("base") or m.base)
+    real_target_to = m.target.to
+    monkeypatch.setattr(m.target, "to", lambda *a, **k: (order.append("target"), real_target_to(*a, **k))[1])
+    m.to("cpu")
+    assert order == ["record", "base", "target"]
