@@ -186,6 +186,19 @@ class DMD2Config(BaseModel):
         ["generator", "fake_score"], min_length=1,
         description="Which players are LoRA adapters when lora_rank is set; the others train in full. DMD2's SDXL "
                     "LoRA run adapts the generator only, with a full fake score (--generator_lora).")
+    fake_score: Literal["per_step", "shared"] = Field(
+        "per_step",
+        description="k-step students: 'per_step' gives the fake score one LoRA adapter per student step (rank "
+                    "fake_step_rank) on its trunk: fake_i = trunk + delta_i is trained and evaluated on step-i "
+                    "outputs only (each iteration splits the batch over the k steps), and the GAN head scores "
+                    "step-i samples on fake_i's features, so every step is matched to the data, not only their "
+                    "mixture (issue 16; ours, not in the DMD2 code). 'shared': one fake score for all steps, one "
+                    "step drawn per iteration (the DMD2 code, sd_unified_model.py / sd_guidance.py). Identical at "
+                    "steps 1.")
+    fake_step_rank: int = Field(
+        16, ge=1,
+        description="Rank of the per-step adapters of fake_score: per_step (alpha = rank). Ours: 16 for the toy "
+                    "and digits networks.")
     loop: LoopConfig = Field(default_factory=_default_distill_loop, description="Training loop options.")
 
 

@@ -412,7 +412,7 @@ class CallRecorder:
 
 def test_backward_simulation_trains_on_the_generators_own_samples():
     teacher = point_teacher()
-    m = dmd2(teacher, steps=4, gan=False, ttur=1)
+    m = dmd2(teacher, steps=4, gan=False, ttur=1, fake_score="shared")  # DMD2's one step per batch
     ts = m.timesteps
     assert ts.tolist() == [999.0, 749.0, 499.0, 249.0]
     schedule = m.schedule
@@ -463,7 +463,7 @@ def test_dm_term_diffuses_the_trained_sample_to_dm_times():
     """The real and fake scores are evaluated at ``x_t = a_t x + sigma_t eps`` for the generator's (last) output ``x``,
     with whole timesteps ``t`` from 2%..98% of the grid; the fake score sees the same ``(x_t, t)`` as the teacher."""
     teacher = point_teacher()
-    m = dmd2(teacher, steps=2, gan=False, ttur=1)
+    m = dmd2(teacher, steps=2, gan=False, ttur=1, fake_score="shared")
     with torch.no_grad():
         m.players["generator"].module.denoiser.net.out.bias.add_(3.0)
     gen_calls = CallRecorder(m.players["generator"].module)

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from ..config import DMD2Config
 from ..diffusion.denoiser import Denoiser, guided
-from ..diffusion.samplers import sample as teacher_sample, student_timesteps
+from ..diffusion.samplers import _randn_like, initial_noise, sample as teacher_sample, student_timesteps
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
-from ..models.lora import apply_lora, share_frozen_weights, trainable
+from ..models.lora import active_adapter_names, active_adapters, add_adapters, apply_lora, share_frozen_weights, trainable
 from .base import Batch, Method, Player, batch_cond
 
 
@@ -57,6 +57,57 @@ def distribution_matching_grad(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> T
 def distribution_matching_loss(x: Tensor, grad: Tensor) -> Tensor:
     """``0.5 * mean (x - sg(x - grad))^2``: its gradient w.r.t. ``x`` is ``grad / x.numel()`` (DMD2 code)."""
     return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float(), reduction="mean")
+
+
+def step_groups(steps: list[int]) -> list[tuple[int, slice]]:
+    """``(step, slice)`` of each run of equal steps in ``steps`` (sorted: each step's samples are contiguous)."""
+    assert steps == sorted(steps)
+    out: list[tuple[int, slice]] = []
+    start = 0
+    for b in range(1, len(steps) + 1):
+        if b == len(steps) or steps[b] != steps[start]:
+            out.append((steps[start], slice(start, b)))
+            start = b
+    return out
+
+
+def split_steps(n: int, k: int) -> list[int]:
+    """The student step of each of ``n`` samples when a batch is split evenly over ``k`` steps (sorted)."""
+    return [b * k // n for b in range(n)]
+
+
+def take(cond: Any, sl: slice) -> Any:
+    """The samples ``sl`` of a condition: None, a tensor, or a dict of tensors (prompt embeddings)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: take(v, sl) for k, v in cond.items()}
+    return cond[sl]
+
+
+def backward_simulation(gen: Any, schedule: Any, z: Tensor, ts: Tensor, steps: list[int], cond: Any = None,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Sample ``b``'s output of student step ``steps[b]`` (0-based, sorted) from noise ``z``: the k-step student
+    sampler (:func:`fewstep.diffusion.samplers.sample_student`: the same computation and, for the same ``generator``,
+    the same noise, each re-noising drawing noise for the whole batch) run for ``steps[b] + 1`` steps, with gradient
+    only through each sample's last generator call (DMD2 sec. 4.5's backward simulation)."""
+    n, last = z.shape[0], max(steps)
+    x = initial_noise(schedule, z, ts[0])  # the inputs of samples [done, n) at step j
+    out: list[Tensor] = []
+    done = 0  # samples [0, done) have their output
+    for j in range(last + 1):
+        end = done + steps.count(j)
+        t = ts[j].to(x.device).float().expand(n - done)
+        if end > done:  # the samples whose step is j: their output, with gradient
+            out.append(gen(x[: end - done], t[: end - done], take(cond, slice(done, end))))
+        if j == last:
+            break
+        with torch.no_grad():
+            x0 = gen(x[end - done:], t[end - done:], take(cond, slice(end, n)))
+        eps = _randn_like(x.new_empty((n, *x.shape[1:])), generator)[end:]
+        x = schedule.add_noise(x0, eps, ts[j + 1].to(x.device).float().expand(n - end))
+        done = end
+    return torch.cat(out)
 
 
 def lr_factor(update: int, stride: int, cfg: DMD2Config, base_lr: float) -> float:
@@ -89,29 +140,58 @@ class Generator(nn.Module):
         return self.denoiser(x_t, t, cond)
 
 
-class Guidance(nn.Module):
-    """The fake score and the GAN head; ``forward`` returns the guidance player's losses."""
+def step_adapter(i: int) -> str:
+    """The name of student step ``i``'s (0-based) adapter on a per-step fake score."""
+    return f"step{i + 1}"
 
-    def __init__(self, fake: Denoiser, head: FeatureHead | None) -> None:
+
+class Guidance(nn.Module):
+    """The fake score and the GAN head; ``forward`` returns the guidance player's losses.
+
+    Per-step fake score (``steps`` > 0): ``fake`` carries one LoRA adapter per student step on its trunk, and every call
+    takes the samples' ``groups`` (``(step, slice)`` from :func:`step_groups`): step ``i``'s samples are scored by
+    ``fake_i`` = trunk + adapter ``i`` (and the head on ``fake_i``'s features). ``steps`` = 0: one shared fake score,
+    ``groups`` ignored.
+    """
+
+    def __init__(self, fake: Denoiser, head: FeatureHead | None, steps: int = 0) -> None:
         super().__init__()
         self.fake = fake
         self.head = head
+        self.steps = steps
+        self.trunk_adapters = active_adapter_names(fake.net)  # a LoRA fake score's own adapter, or none
 
-    def logits(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def _by_step(self, fn: Any, groups: list[tuple[int, slice]] | None, *args: Any) -> Tensor:
+        """``fn(*args)`` with each step's samples on its own fake score, reassembled in batch order."""
+        if not self.steps or groups is None:
+            return fn(*args)
+        outs = []
+        for i, sl in groups:
+            with active_adapters(self.fake, [*self.trunk_adapters, step_adapter(i)]):
+                outs.append(fn(*(take(a, sl) for a in args)))
+        return torch.cat(outs)
+
+    def score(self, x_t: Tensor, t: Tensor, cond: Any, groups: list[tuple[int, slice]] | None = None) -> Tensor:
+        """The fake score's ``x0`` prediction (step ``i``'s samples: ``fake_i``)."""
+        return self._by_step(self.fake, groups, x_t, t, cond)
+
+    def logits(self, x_t: Tensor, t: Tensor, cond: Any, groups: list[tuple[int, slice]] | None = None) -> Tensor:
         assert self.head is not None
-        return self.head(self.fake.features(x_t, t, cond))
+        return self._by_step(lambda *a: self.head(self.fake.features(*a)), groups, x_t, t, cond)
 
     def forward(
-        self, x_fake: Tensor, cond_fake: Any, t: Tensor, eps: Tensor, gan_inputs: tuple[Tensor, ...] | None = None
+        self, x_fake: Tensor, cond_fake: Any, t: Tensor, eps: Tensor, gan_inputs: tuple[Tensor, ...] | None = None,
+        groups: list[tuple[int, slice]] | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """Denoising loss on generator samples, and (given ``(x_real_t, cond_real, t_real, x_fake_t, t_fake)``) the
-        head's loss with its logits on real and fake inputs."""
-        denoise = self.fake.denoising_loss(x_fake, t, eps, cond_fake).mean()
+        head's loss with its logits on real and fake inputs. ``groups``: the samples' steps (real samples are split
+        the same way, so each step's head compares its own outputs with data)."""
+        denoise = self._by_step(self.fake.denoising_loss, groups, x_fake, t, eps, cond_fake).mean()
         if gan_inputs is None or self.head is None:
             return denoise, None, None, None
         x_real_t, cond_real, t_real, x_fake_t, t_fake = gan_inputs
-        real_logits = self.logits(x_real_t, t_real, cond_real)
-        fake_logits = self.logits(x_fake_t, t_fake, cond_fake)
+        real_logits = self.logits(x_real_t, t_real, cond_real, groups)
+        fake_logits = self.logits(x_fake_t, t_fake, cond_fake, groups)
         return denoise, nonsaturating_d_loss(real_logits, fake_logits), real_logits, fake_logits
 
 
@@ -143,13 +223,17 @@ class DMD2Method(Method):
             for name, copy_ in (("generator", generator), ("fake_score", fake)):
                 if name in cfg.lora_players:
                     share_frozen_weights(apply_lora(copy_, cfg.lora_rank, cfg.lora_alpha), self.teacher)
+        # per-step fake score: one adapter per student step on the fake score's trunk (B = 0: each starts as it)
+        self.per_step = cfg.fake_score == "per_step" and cfg.steps > 1
+        if self.per_step:
+            add_adapters(fake, [step_adapter(i) for i in range(cfg.steps)], cfg.fake_step_rank)
         head = None
         if cfg.gan:
             probe = torch.zeros((1, *teacher.sample_shape))
             with torch.no_grad():
                 feats = fake.features(probe, torch.tensor([self.schedule.t_max]), None)
             head = FeatureHead(feats.shape[1], feats.shape[-1] if feats.ndim == 4 else 0)
-        g_mod, f_mod = Generator(generator), Guidance(fake, head)
+        g_mod, f_mod = Generator(generator), Guidance(fake, head, cfg.steps if self.per_step else 0)
 
         def player(module: nn.Module, lr: float, stride: int) -> Player:
             opt = torch.optim.AdamW(trainable(module), lr=lr, betas=tuple(cfg.adam_betas),
@@ -160,6 +244,7 @@ class DMD2Method(Method):
         self.players = {"generator": player(g_mod, cfg.lr_generator, cfg.ttur),
                         "guidance": player(f_mod, cfg.lr_fake, 1)}
         self.pairs: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._reference: Any = None  # the per-step diagnostics' real data (loaded on first use)
         if cfg.regression:
             self.pairs = self._regression_pairs()
 
@@ -184,18 +269,24 @@ class DMD2Method(Method):
         t = self.schedule.from_fraction(u).to(device)
         return t.round() if self.schedule.kind == "ddpm" else t
 
-    def _generate(self, gen: nn.Module, n: int, cond: Any, device: Any) -> Tensor:
-        """Generator samples with backward simulation; gradient only through the last generator call."""
+    def _steps(self, n: int) -> list[int]:
+        """The student step (0-based) each of ``n`` samples trains: per-step fake score, the batch split evenly over
+        the steps (every step's fake score and head train every iteration); shared, one step for the whole batch
+        (DMD2's random step index)."""
+        if self.per_step:
+            return split_steps(n, len(self.timesteps))
+        return [int(torch.randint(0, len(self.timesteps), ()).item())] * n
+
+    def _groups(self, steps: list[int]) -> list[tuple[int, slice]] | None:
+        """The fake score's ``groups`` for samples of ``steps`` (None: the shared fake score)."""
+        return step_groups(steps) if self.per_step else None
+
+    def _generate(self, gen: nn.Module, n: int, cond: Any, device: Any) -> tuple[Tensor, list[int]]:
+        """Generator samples with backward simulation (:func:`backward_simulation`; gradient only through each
+        sample's last generator call) and the step of each."""
         z = torch.randn((n, *self.teacher.sample_shape), device=device)
-        ts = self.timesteps.to(device)
-        _, s0 = self.schedule.alpha_sigma(ts[:1])
-        x = z * s0.to(device)
-        i = int(torch.randint(0, len(ts), ()).item())  # the step this batch trains (DMD2's random step index)
-        with torch.no_grad():
-            for j in range(i):
-                x0 = gen(x, ts[j].expand(n), cond)
-                x = self.schedule.add_noise(x0, torch.randn_like(x0), ts[j + 1].expand(n))
-        return gen(x, ts[i].expand(n), cond)
+        steps = self._steps(n)
+        return backward_simulation(gen, self.schedule, z, self.timesteps.to(device), steps, cond), steps
 
     def _regression_pairs(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """DMD (v1)'s noise/image pairs: the teacher's deterministic ODE sample (Heun) from fixed noise."""
@@ -220,26 +311,27 @@ class DMD2Method(Method):
 
     def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
         gan = self.gan_on(it)
-        return self._generator_loss(batch, gan) if player == "generator" else self._guidance_loss(batch, gan)
+        return self._generator_loss(batch, gan) if player == "generator" else self._guidance_loss(batch, gan, it)
 
     def _generator_loss(self, batch: Batch, gan: bool = True) -> tuple[Tensor, dict[str, float]]:
         gen = self.players["generator"].module
         guidance = _unwrap(self.players["guidance"].module)  # not updated here: bypass DDP
         n, device = batch.x0.shape[0], batch.x0.device
         cond = self._cond(batch)
-        x = self._generate(gen, n, cond, device)
+        x, steps = self._generate(gen, n, cond, device)
+        groups = self._groups(steps)
         t = self._t_dm(n, device)
         x_t = self.schedule.add_noise(x, torch.randn_like(x), t)
         with torch.no_grad():
             real_x0 = self.real(x_t.detach(), t, cond)
-            fake_x0 = guidance.fake(x_t.detach(), t, cond)
+            fake_x0 = guidance.score(x_t.detach(), t, cond, groups)  # step i's samples: fake_i
         grad = distribution_matching_grad(x.detach(), real_x0, fake_x0)
         loss = distribution_matching_loss(x, grad)
         stats = {"dm": loss.detach(), "score_mismatch": (real_x0 - fake_x0).pow(2).flatten(1).sum(1).mean()}
         if gan and self.cfg.gan and self.cfg.gan_generator_weight > 0:
             t_gan = self.schedule.sample_train_t(n, device=device)
             x_gan = self.schedule.add_noise(x, torch.randn_like(x), t_gan)
-            g_loss = nonsaturating_g_loss(guidance.logits(x_gan, t_gan, cond))
+            g_loss = nonsaturating_g_loss(guidance.logits(x_gan, t_gan, cond, groups))
             loss = loss + self.cfg.gan_generator_weight * g_loss
             stats["gan_g"] = g_loss.detach()
         if self.pairs is not None:
@@ -254,12 +346,13 @@ class DMD2Method(Method):
             stats["regression"] = reg.detach()
         return loss, stats
 
-    def _guidance_loss(self, batch: Batch, gan: bool = True) -> tuple[Tensor, dict[str, float]]:
+    def _guidance_loss(self, batch: Batch, gan: bool = True, it: int = -1) -> tuple[Tensor, dict[str, float]]:
         gen = self.players["generator"].module
         n, device = batch.x0.shape[0], batch.x0.device
         cond = self._cond(batch)
         with torch.no_grad():
-            x = self._generate(gen, n, cond, device).detach()
+            x, steps = self._generate(gen, n, cond, device)
+        x = x.detach()
         t = self.schedule.sample_train_t(n, device=device)
         eps = torch.randn_like(x)
         gan_inputs = None
@@ -269,13 +362,116 @@ class DMD2Method(Method):
             x_real_t = self.schedule.add_noise(batch.x0, torch.randn_like(x), t_real)
             x_fake_t = self.schedule.add_noise(x, torch.randn_like(x), t_fake)
             gan_inputs = (x_real_t, cond, t_real, x_fake_t, t_fake)
-        denoise, gan_d, real_logits, fake_logits = self.players["guidance"].module(x, cond, t, eps, gan_inputs)
+        denoise, gan_d, real_logits, fake_logits = self.players["guidance"].module(x, cond, t, eps, gan_inputs,
+                                                                                   self._groups(steps))
         loss, stats = denoise, {"denoise": denoise.detach()}
         if gan_d is not None:
             loss = loss + self.cfg.gan_head_weight * gan_d
             stats.update(gan_d=gan_d.detach(), real_logit=real_logits.detach().mean(),
                          fake_logit=fake_logits.detach().mean())
+        if self.diagnostics_due(it):
+            stats.update(self.step_diagnostics(batch, it))
         return loss, stats
+
+    # --- per-step diagnostics -------------------------------------------------------------------------------------
+    def diagnostics_due(self, it: int) -> bool:
+        """A k-step run measures each step's output at every log row (iterations ``log_every``, ..., and the last)."""
+        loop = self.cfg.loop
+        return self.cfg.steps > 1 and it >= 0 and ((it + 1) % loop.log_every == 0 or it + 1 == loop.iterations)
+
+    def _diagnostic_reference(self) -> Any:
+        """``(kind, data)``: the test split for points (sliced W, modes) and digits (FID on the digits classifier's
+        features), else ``("none", None)`` (the per-step score mismatch alone)."""
+        if self._reference is None:
+            self._reference = ("none", None)
+            shape, name = tuple(self.teacher.sample_shape), self.cfg.data
+            if name is not None and not getattr(self.teacher, "text_conditional", False):
+                from ..data import load_data
+                from ..eval.evaluate import DIGITS_SHAPES
+
+                if len(shape) == 1 or (name == "digits" and shape in DIGITS_SHAPES):
+                    try:
+                        data = load_data(name, "test", resolution=shape[-1] if len(shape) == 3 else None)
+                    except Exception:  # a diagnostic never stops a run: without data, the mismatch alone
+                        data = None
+                    if data is not None and data.kind == "points":
+                        self._reference = ("points", data)
+                    elif data is not None:
+                        from ..eval.classifier import load_digits_classifier
+                        from ..eval.metrics import feature_stats
+
+                        model = load_digits_classifier().eval()
+                        with torch.no_grad():
+                            stats = feature_stats(model.features(data.x[:2000].clamp(-1, 1)))
+                        self._reference = ("digits", (model, stats))
+        return self._reference
+
+    @torch.no_grad()
+    def step_diagnostics(self, batch: Batch, it: int, n: int | None = None) -> dict[str, float]:
+        """Each student step's output quality (issue 16: a shared fake score lets one step collapse while the mixture
+        of all steps matches the data), from the inference sampler with draws of their own (seeded by the run's seed
+        and ``it``: training's random streams are untouched, and every process measures the same samples).
+
+        ``step<i>/score_mismatch``: ``E ||D_real - D_fake_i||^2`` on diffused step-i outputs (every teacher family);
+        points: ``step<i>/sliced_w``, ``step<i>/modes_covered``; digits: ``step<i>/fid`` (the digits classifier's
+        features against the test split); with ``pooled/<metric>`` (all steps' outputs together) and
+        ``last_gap/<metric>`` = the last step's minus the pooled one (large: the last step, the one a user samples,
+        is worse than the mixture the shared fake score matches).
+        """
+        from ..diffusion.samplers import sample_student
+
+        kind, ref = self._diagnostic_reference()
+        device = batch.x0.device
+        g = torch.Generator().manual_seed(self.cfg.loop.seed * 1_000_003 + it)
+        gen = _unwrap(self.players["generator"].module).denoiser  # as the student samples (FSDP: a unit of its own)
+        guidance = _unwrap(self.players["guidance"].module)
+        if kind == "none":  # the batch's conditions (prompts), its size
+            n, cond = batch.x0.shape[0], self._cond(batch)
+        else:
+            n = n or (1000 if kind == "points" else 250)
+            cond = None
+            if self.teacher.num_classes > 0:
+                cond = (torch.arange(n) % self.teacher.num_classes).to(device)
+        z = torch.randn((n, *self.teacher.sample_shape), generator=g).to(device)
+        ts = self.timesteps.to(device)
+        final, inputs = sample_student(gen, z, ts, cond, generator=g, return_inputs=True)
+        outs = [gen(inputs[i], ts[i].float().expand(n), cond) for i in range(len(ts) - 1)] + [final]
+        out: dict[str, float] = {}
+        lo, hi = self.cfg.dm_t_range
+        for i, x in enumerate(outs):
+            x = x.float()
+            t = self.schedule.from_fraction(lo + (hi - lo) * torch.rand(n, generator=g)).to(device)
+            t = t.round() if self.schedule.kind == "ddpm" else t
+            x_t = self.schedule.add_noise(x, torch.randn(x.shape, generator=g).to(device), t)
+            groups = [(i, slice(0, n))] if self.per_step else None
+            diff = self.real(x_t, t, cond).float() - guidance.score(x_t, t, cond, groups).float()
+            out[f"step{i + 1}/score_mismatch"] = float(diff.pow(2).flatten(1).sum(1).mean())
+        if kind == "points":
+            from ..eval.metrics import mode_metrics, sliced_wasserstein
+
+            def measure(x: Tensor) -> dict[str, float]:
+                m = {"sliced_w": sliced_wasserstein(x.float().cpu(), ref.x, n_projections=128)}
+                if ref.modes is not None:
+                    m["modes_covered"] = float(mode_metrics(x.float().cpu(), ref.modes, ref.mode_std)["modes_covered"])
+                return m
+        elif kind == "digits":
+            from ..eval.metrics import feature_stats, frechet_distance
+
+            model, stats = ref
+            model.to(device)
+
+            def measure(x: Tensor) -> dict[str, float]:
+                f = model.features(x.float().clamp(-1, 1)).cpu()
+                return {"fid": frechet_distance(*feature_stats(f), *stats)}
+        else:
+            return out
+        per_step = [measure(x) for x in outs]
+        pooled = measure(torch.cat(outs))
+        for i, m in enumerate(per_step):
+            out.update({f"step{i + 1}/{k}": v for k, v in m.items()})
+        out.update({f"pooled/{k}": v for k, v in pooled.items()})
+        out.update({f"last_gap/{k}": per_step[-1][k] - v for k, v in pooled.items()})
+        return out
 
     # --- outputs ------------------------------------------------------------------------------------------------
     def inference_model(self) -> Denoiser:

@@ -12,7 +12,8 @@ alpha 8, scale 1/8), and :func:`fewstep.export.lora_of_student` folds the scale 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -65,6 +66,71 @@ def apply_lora(
     return module
 
 
+def add_adapters(module: nn.Module, names: Iterable[str], rank: int, alpha: float | None = None,
+                 targets: Iterable[str] | None = None) -> nn.Module:
+    """Inject one LoRA adapter per name into ``module`` (a network or a denoiser) in place, keeping every other
+    parameter's ``requires_grad`` as it was (a full network stays trained: the adapters are deltas on a trained trunk;
+    a LoRA player keeps its frozen base). ``B`` starts at zero, so each adapter starts as the network itself. Which
+    adapters a call uses is chosen with :func:`active_adapters`; outside it, the network is what it was before.
+
+    Args:
+        module: a network or a denoiser (its ``net`` is adapted).
+        names: adapter names (DMD2's per-step fake scores: ``step1 .. stepk``).
+        rank: their rank; alpha: their alpha (None = ``rank``).
+        targets: the layers to adapt (default: every Linear and Conv2d, found before any adapter was injected).
+    """
+    import warnings
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    net = getattr(module, "net", module)
+    before = active_adapter_names(net)
+    grad = {name: p.requires_grad for name, p in net.named_parameters()}
+    if targets is None:  # the network's own layers (an adapted one by its own name), not the adapters' layers
+        targets = [n.removesuffix(".base_layer") for n in lora_targets(net) if ".lora_" not in n]
+    names, targets = list(names), sorted(set(targets))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multiple adapters in the model": that is the point
+        for name in names:
+            cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets,
+                             init_lora_weights=True)
+            inject_adapter_in_model(cfg, net, adapter_name=name)
+    for name, p in net.named_parameters():
+        p.requires_grad_(grad.get(name, True))  # new adapter weights train; everything else as it was
+    for m in net.modules():
+        if isinstance(m, BaseTunerLayer):
+            m._active_adapter = list(before)
+    return module
+
+
+def active_adapter_names(net: nn.Module) -> list[str]:
+    """The adapters ``net``'s LoRA layers apply now ([] without LoRA)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in net.modules() if isinstance(m, BaseTunerLayer)), None)
+    return [] if layer is None else list(layer.active_adapters)
+
+
+@contextlib.contextmanager
+def active_adapters(module: nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """Within the block, ``module``'s LoRA layers apply exactly the adapters ``names`` (the others are skipped);
+    ``requires_grad`` is left alone (PEFT's ``set_adapter`` would freeze the others, which the optimizers, DDP and
+    FSDP must not see change). Restores the previous selection on exit."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    net = getattr(module, "net", module)
+    layers = [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = list(names)
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._active_adapter = b
+
+
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """A Linear/Conv2d weight change ``delta`` as LoRA factors by truncated SVD: ``(A, B, left)`` with ``B @ A`` the
     best rank-``rank`` approximation (scale 1; PEFT's shapes: a conv's ``A`` is ``(r, in, kh, kw)`` and ``B``
@@ -112,9 +178,9 @@ def share_frozen_weights(module: nn.Module, source: nn.Module) -> int:
 def load_network_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a plain network state (the teacher's key names) into ``net``, strictly.
 
-    For a LoRA-adapted ``net`` the state goes into the base weights (as new tensors: weights shared with the teacher
-    are unshared, never overwritten) and the adapters are reset to zero (``B = 0``), so ``net`` computes exactly the
-    loaded network.
+    For a LoRA-adapted ``net`` the state goes into the base weights (frozen ones as new tensors: weights shared with
+    the teacher are unshared, never overwritten; trained ones in place) and the adapters are reset to zero
+    (``B = 0``), so ``net`` computes exactly the loaded network.
     """
     if not has_lora(net):
         net.load_state_dict(state, strict=True)
@@ -131,10 +197,13 @@ def load_network_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 if ".lora_B." in name:
                     p.zero_()
                 continue
+            value = state[base_name(name)].to(device=p.device, dtype=p.dtype)
+            if p.requires_grad:  # a trained weight (a full network with adapters on it): in place, the optimizer's
+                p.copy_(value)
+                continue
             parent, _, leaf = name.rpartition(".")
             owner = net.get_submodule(parent) if parent else net
-            value = state[base_name(name)].to(device=p.device, dtype=p.dtype)
-            setattr(owner, leaf, nn.Parameter(value.clone(), requires_grad=p.requires_grad))
+            setattr(owner, leaf, nn.Parameter(value.clone(), requires_grad=False))
         for name, b in net.named_buffers():
             if base_name(name) in state:
                 b.copy_(state[base_name(name)])
