@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +55,60 @@ def check_writable(folder: str | os.PathLike, flag: str = "--out") -> Path:
         raise UserError(f"{flag} {folder}: cannot write in {existing} ({e.strerror or e}); make it writable or "
                         f"choose another {flag}") from None
     return folder
+
+
+#: room a write must leave free beyond its own bytes: torch.save's per-tensor records and pickled values, and the logs,
+#: grids and TensorBoard events written beside a checkpoint (plus :data:`DISK_MARGIN_FRACTION` of the write)
+DISK_MARGIN_BYTES = 64 << 20
+DISK_MARGIN_FRACTION = 0.02
+
+
+def show_bytes(n: float) -> str:
+    """``n`` bytes in a few characters, in powers of 1000: ``812 B``, ``3.4 MB``, ``21.0 GB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes ``torch.save`` writes for the tensors in ``obj`` (nested dicts, lists and tuples): each storage once
+    and whole, as it is saved; a sharded tensor (DTensor) at its full size, as a full-state checkpoint holds it."""
+    import torch
+
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, torch.Tensor):
+            if hasattr(x, "_local_tensor"):  # DTensor: the full tensor, gathered when saved
+                total += x.numel() * x.element_size()
+                continue
+            storage = x.untyped_storage()
+            key = (str(x.device), storage.data_ptr())
+            if key not in seen or storage.data_ptr() == 0:
+                seen.add(key)
+                total += storage.nbytes()
+    return total
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free bytes for an unprivileged user on the file system of ``folder`` (or of its nearest existing parent)."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def with_margin(nbytes: int) -> int:
+    """``nbytes`` plus the room a write leaves free (:data:`DISK_MARGIN_BYTES`, :data:`DISK_MARGIN_FRACTION`)."""
+    return int(nbytes * (1 + DISK_MARGIN_FRACTION)) + DISK_MARGIN_BYTES
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:

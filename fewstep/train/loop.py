@@ -62,7 +62,8 @@ from pydantic import BaseModel
 
 from ..config import LoopConfig, dump_config
 from ..errors import UserError
-from ..io import append_text, atomic_torch_save, atomic_write, atomic_write_bytes
+from ..io import (append_text, atomic_torch_save, atomic_write, atomic_write_bytes, free_bytes, show_bytes,
+                  tensor_bytes, with_margin)
 from ..methods.base import Batch, Method
 from .ema import EMA
 from .memory import (
@@ -356,8 +357,13 @@ def _write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
     atomic_write(path, write)
 
 
-def _prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for p in list_checkpoints(run_dir)[:-keep]:
+def _prune_checkpoints(run_dir: Path, keep: int, upto: Path | None = None) -> None:
+    """Remove all but the newest ``keep`` checkpoints; with ``upto`` (the one a run resumes from), of those up to it
+    (newer ones did not load and are left as they are)."""
+    paths = list_checkpoints(run_dir)
+    if upto is not None:
+        paths = paths[: paths.index(upto) + 1]
+    for p in paths[:-keep]:
         p.unlink(missing_ok=True)
 
 
@@ -567,6 +573,7 @@ def train(
     _prepare_players(run)
     if resume:
         _restore_run(run)
+    _check_disk(run)
     _open_outputs(run, resume, config)
     crash_at = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
     try:
@@ -684,6 +691,7 @@ def _restore_run(run: _Run) -> None:
     run.accelerator.wait_for_everyone()
     if run.main:
         _remove_temporaries(run.run_dir)
+        _prune_checkpoints(run.run_dir, cfg.keep_checkpoints, upto=path)  # a lowered keep_checkpoints frees disk now
         rows = _truncate_metrics(run.metrics_path, start)
         run.last_row = rows[-1] if rows else {}
 
@@ -816,17 +824,104 @@ def _checkpoint_due(run: _Run, step: int) -> bool:
 
 
 def _save_checkpoint(run: _Run, step: int) -> None:
-    """Write ``checkpoints/step_<step>.pt`` atomically (a collective with sharded players) and prune old ones."""
+    """Write ``checkpoints/step_<step>.pt`` atomically (a collective with sharded players) and prune old ones.
+
+    First the main process checks that the disk has room for it (:func:`_no_room`), before anything is gathered or
+    serialised; too little, or a write that fails after all, stops every process with the main process's line."""
+    path = checkpoint_path(run.run_dir, step)
+    _raise_on_every_process(run, _no_room(run, path) if run.main else None)
     log_state = {"window": run.window, "nonfinite_skipped": run.nonfinite_total,
                  "consecutive_nonfinite": run.consecutive_bad}
     ckpt = _checkpoint(run.method, run.emas, run.accelerator, step, log_state, run.elapsed, run.run_config,
                        run.sharded)
+    error = None
     if run.main:
-        _write_checkpoint(ckpt, checkpoint_path(run.run_dir, step))
-        _prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
-        run.writer.flush()
+        try:
+            _write_checkpoint(ckpt, path)
+            _prune_checkpoints(run.run_dir, run.cfg.keep_checkpoints)
+            run.writer.flush()
+        except UserError as e:  # the disk filled up after all (another writer): atomic_write left nothing behind
+            error = str(e)
+    _raise_on_every_process(run, error)
     run.accelerator.wait_for_everyone()
     run.last_checkpoint_time = _now()
+
+
+def _raise_on_every_process(run: _Run, message: str | None) -> None:
+    """The main process's one-line error ``message`` (None: none), raised on every process together (a collective
+    with several processes), so that none waits for the others forever."""
+    if run.world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message], from_process=0)[0]
+    if message:
+        raise UserError(message)
+
+
+def _checkpoint_bytes(run: _Run) -> int:
+    """The next checkpoint's bytes, from the live state (nothing gathered or serialised): each player's module state,
+    optimizer state and EMA, and the method's extra state. Before the first update an optimizer has no state yet:
+    then AdamW's two moments per held parameter are counted (one for other optimizers). Sharded players count
+    their full size (a checkpoint gathers it)."""
+    total = tensor_bytes(run.method.extra_state())
+    for name, player in run.method.players.items():
+        total += tensor_bytes(player.module.state_dict())
+        optimizer = getattr(player.optimizer, "optimizer", player.optimizer)  # under Accelerate's wrapper
+        if optimizer.state:
+            total += tensor_bytes(list(optimizer.state.values()))
+        else:
+            moments = 2 if "Adam" in type(optimizer).__name__ else 1
+            total += moments * tensor_bytes(optimizer_parameters([optimizer]))
+        if name in run.emas:
+            total += tensor_bytes(run.emas[name].state_dict())
+    return total
+
+
+def _disk_fix(run: _Run) -> str:
+    return (f"free some space there, lower loop.keep_checkpoints ({run.cfg.keep_checkpoints} now; a resumed run "
+            "removes the older checkpoints beyond it), or move the run folder to a disk with room")
+
+
+def _no_room(run: _Run, path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be written (main process), or None: it needs its estimated bytes plus the
+    margin (:func:`fewstep.io.with_margin`) free, on top of the kept checkpoints (pruned only once it is written)."""
+    size = _checkpoint_bytes(run)
+    need, free = with_margin(size), free_bytes(path.parent)
+    if free >= need:
+        return None
+    kept = list_checkpoints(run.run_dir)
+    last = (f"the last checkpoint, {kept[-1].name}, is intact and --resume continues from it" if kept
+            else "no checkpoint was written yet")
+    return (f"not enough disk space for checkpoint {path.name} in {path.parent}: it needs {show_bytes(need)} (about "
+            f"{show_bytes(size)} and room to spare) and {show_bytes(free)} are free; {_disk_fix(run)}; {last}")
+
+
+def _check_disk(run: _Run) -> None:
+    """Before training: the disk must have room for the run's next checkpoint (else a one-line error on every
+    process, nothing trained); a warning when it lacks room for the most the run keeps at once (the newest
+    ``keep_checkpoints`` and the one being written, of the checkpoints it writes every ``checkpoint_every``
+    iterations and at the end)."""
+    cfg = run.cfg
+    writes = cfg.iterations // cfg.checkpoint_every - run.start // cfg.checkpoint_every
+    writes += int(cfg.iterations > run.start and cfg.iterations % cfg.checkpoint_every != 0)
+    error = None
+    if run.main and writes > 0:
+        folder = checkpoint_path(run.run_dir, 0).parent
+        size, free = _checkpoint_bytes(run), free_bytes(folder)
+        kept = len(list_checkpoints(run.run_dir))
+        most = min(kept + writes - 1, cfg.keep_checkpoints) + 1 - kept  # new files on disk at once, at most
+        if free < with_margin(size):
+            error = (f"{folder} has {show_bytes(free)} free, too little for one checkpoint of this run (about "
+                     f"{show_bytes(size)}; {show_bytes(with_margin(size))} with room to spare), so nothing was "
+                     f"trained; free some space there or choose another --out (the run needs about "
+                     f"{show_bytes(with_margin(most * size))} for its checkpoints)")
+        elif free < with_margin(most * size):
+            warnings.warn(f"{folder} has {show_bytes(free)} free, less than the {show_bytes(with_margin(most * size))}"
+                          f" that the {most} checkpoints of about {show_bytes(size)} this run holds at once need (the "
+                          f"newest {cfg.keep_checkpoints} and the one being written); it stops with a one-line error "
+                          f"when the next one does not fit (--resume continues) unless you {_disk_fix(run)}",
+                          stacklevel=3)
+    _raise_on_every_process(run, error)
 
 
 def _close(run: _Run) -> None:
