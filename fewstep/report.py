@@ -1,7 +1,10 @@
 """The report of a distillation run: final metrics against the teacher at the same NFE, curves, sample grids."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +67,167 @@ def _test_prompts(model: Any, data: str | None) -> list[str] | None:
         return None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher's rows, cached by what decides them
+# ----------------------------------------------------------------------------------------------------------------
+#: Bump when the metrics, the samplers or how a report measures the teacher change: cached teacher rows made before
+#: are then measured again.
+TEACHER_EVAL_VERSION = 1
+#: files up to this size are fingerprinted by their bytes; larger ones (weights) by size and modification time
+HASH_WHOLE_BYTES = 64 << 20
+CACHE_FORMAT = "fewstep-teacher-eval"
+
+
+def teacher_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fewstep/eval`` (default ``~/.cache/fewstep/eval``), beside the diffusers data cache."""
+    from .models.hf import default_cache_dir
+
+    return default_cache_dir().parent / "eval"
+
+
+def _file_id(path: Path, whole: bool = True) -> str:
+    """A file's bytes' SHA-256 (``whole`` and at most :data:`HASH_WHOLE_BYTES`), else its size and mtime."""
+    st = path.stat()
+    if whole and st.st_size <= HASH_WHOLE_BYTES:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _tree_id(path: str | Path, whole: bool = True) -> str | None:
+    """A fingerprint of a file or of every file below a folder (names and :func:`_file_id`; dot-folders such as
+    ``.git`` skipped); None when ``path`` is no file or folder (an embedded name)."""
+    path = Path(path)
+    if path.is_file():
+        return _file_id(path, whole)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            p = Path(folder) / name
+            h.update(f"{p.relative_to(path)}\0{_file_id(p, whole)}\n".encode())
+    return h.hexdigest()
+
+
+def _weights_id(teacher: Any) -> str:
+    """The teacher's weights: a diffusers teacher's folder (weights by size and time, configs by content) and the
+    dtype it was loaded in; any other teacher's state dict, tensor by tensor (name, dtype, shape, bytes)."""
+    import torch
+
+    folder = getattr(getattr(teacher, "components", None), "folder", None)
+    if folder is not None:
+        dtype = next((p.dtype for p in teacher.parameters()), None)
+        return f"folder:{_tree_id(folder)}:{dtype}"
+    h = hashlib.sha256()
+    for name, t in sorted(teacher.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"tensors:{h.hexdigest()}"
+
+
+def _teacher_description(teacher: Any) -> dict[str, Any]:
+    """The network, schedule, prediction, sample shape and classes, as saved beside a denoiser."""
+    from .models import describe
+
+    try:
+        desc = describe(teacher)
+    except TypeError:  # a network fewstep does not know how to describe: its class and what sampling uses
+        desc = {"network": type(teacher.net).__name__, "schedule": teacher.schedule.to_config(),
+                "prediction_type": teacher.prediction_type, "sample_shape": list(teacher.sample_shape),
+                "num_classes": teacher.num_classes}
+    desc.pop("meta", None)
+    return desc
+
+
+def _features_id(kind: str, inception_weights: Path | None) -> dict[str, Any]:
+    """What measures the samples: the shipped digits classifier's files, or the Inception weights file and
+    torchmetrics' version (2-D points: the metrics alone, covered by :data:`TEACHER_EVAL_VERSION`)."""
+    if kind == "digits":
+        from .eval.classifier import DEFAULT_PATH
+
+        return {"digits_classifier": [_file_id(Path(DEFAULT_PATH).with_suffix(s)) for s in (".safetensors", ".json")]}
+    if inception_weights is not None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            torchmetrics = version("torchmetrics")
+        except PackageNotFoundError:
+            torchmetrics = None
+        return {"inception": _file_id(Path(inception_weights)), "torchmetrics": torchmetrics}
+    return {}
+
+
+def teacher_cache_key(teacher: Any, evaluation: dict[str, Any], weights_id: str | None = None) -> dict[str, Any]:
+    """What decides a teacher row: the weights, the description (schedule, prediction...), the evaluation
+    (``sampler``, ``steps``, ``cfg_scale``, ``n``, ``seed``, ``data`` and its files, the feature network, prompts)
+    and :data:`TEACHER_EVAL_VERSION`."""
+    return {"version": TEACHER_EVAL_VERSION, "weights": weights_id or _weights_id(teacher),
+            "teacher": _teacher_description(teacher), "evaluation": evaluation}
+
+
+def _cache_path(key: dict[str, Any]) -> Path:
+    text = json.dumps(key, sort_keys=True, default=str)
+    return teacher_cache_dir() / f"teacher_{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+
+
+def _cached_row(key: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The cached row and when it was measured, or None (none, unreadable, or another key)."""
+    path = _cache_path(key)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    same = json.loads(json.dumps(key, sort_keys=True, default=str))
+    if not isinstance(stored, dict) or stored.get("format") != CACHE_FORMAT or stored.get("key") != same:
+        return None
+    return stored["row"], stored["measured"]
+
+
+def _store_row(key: dict[str, Any], row: dict[str, Any]) -> None:
+    """Cache ``row`` (atomically); a cache that cannot be written is a warning, never a failed report."""
+    from datetime import datetime, timezone
+
+    from .errors import UserError
+
+    measured = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    record = {"format": CACHE_FORMAT, "key": json.loads(json.dumps(key, sort_keys=True, default=str)),
+              "row": row, "measured": measured}
+    try:
+        atomic_write_json(_cache_path(key), record)
+    except UserError as e:
+        warnings.warn(f"the teacher's rows are not cached ({e})", stacklevel=3)
+
+
+def _rows(models: list[tuple[str, Any, dict[str, Any]]], teacher: Any, measure: Any,
+          evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model, ``{"model": name, **measure(model, kw)}``; a teacher's row from the cache when what decides
+    it (:func:`teacher_cache_key` with ``evaluation`` and the row's ``kw``) was measured before (such a row has
+    ``cached``: when), else measured and cached."""
+    rows, weights_id = [], None
+    for name, model, kw in models:
+        if model is not teacher:
+            rows.append({"model": name, **measure(model, kw)})
+            continue
+        weights_id = weights_id or _weights_id(teacher)
+        key = teacher_cache_key(teacher, {**evaluation, **kw}, weights_id)
+        hit = _cached_row(key)
+        if hit is not None:
+            rows.append({"model": name, **hit[0], "cached": hit[1]})
+        else:
+            row = measure(model, kw)
+            _store_row(key, row)
+            rows.append({"model": name, **row})
+    return rows
+
+
 def _measure_images(run_dir: Path, models: list[tuple[str, Any, dict[str, Any]]], n: int, seed: int,
-                    inception_weights: str | Path | None, data: str | None
-                    ) -> tuple[list[dict[str, Any]], list[str], str]:
-    """Rows for images without the digits classifier: Inception FID when weights were given, else timing only.
+                    inception_weights: str | Path | None, data: str | None, teacher: Any = None,
+                    evaluation: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[str], str]:
+    """Rows for images without the digits classifier: Inception FID when weights were given (``teacher``'s rows
+    cached with ``evaluation``'s key parts, see :func:`_rows`), else timing only.
 
     Returns the rows, the metric columns and a note for the report (which metric is missing and how to get it)."""
     from .api import evaluate, generate
@@ -81,8 +241,10 @@ def _measure_images(run_dir: Path, models: list[tuple[str, Any, dict[str, Any]]]
     if weights is not None:
         prompts = _test_prompts(models[0][1], data)
         try:
-            rows = [{"model": name, **evaluate(model, data=data, n=n, seed=seed, inception_weights=weights,
-                                               prompts=prompts, **kw)} for name, model, kw in models]
+            prompts_id = hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None
+            rows = _rows(models, teacher, lambda model, kw: evaluate(model, data=data, n=n, seed=seed,
+                                                                     inception_weights=weights, prompts=prompts, **kw),
+                         {**(evaluation or {}), "features": _features_id("image", weights), "prompts": prompts_id})
             note = (f"FID is Inception FID (torchmetrics' Inception-v3, {weights.name}) on {n} samples against the "
                     "held-out split" + (", the text-to-image models sampled on its captions" if prompts else "")
                     + ". The digits classifier's domain FID, precision, recall and class accuracy exist for digits "
@@ -131,10 +293,14 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
               ("teacher (heun)", teacher, {"steps": 32, "sampler": "heun", **guide})]
     kind = _kind(student)
     note = ""
+    # what, besides the teacher and its sampling, decides a teacher row (the cache's key)
+    evaluation = {"n": n, "seed": seed, "data": data, "data_files": _tree_id(data, whole=False) if data else None}
     if kind == "image":
-        rows, metric_keys, note = _measure_images(run_dir, models, n, seed, inception_weights, data)
+        rows, metric_keys, note = _measure_images(run_dir, models, n, seed, inception_weights, data, teacher,
+                                                  evaluation)
     else:
-        rows = [{"model": name, **evaluate(model, data=data, n=n, seed=seed, **kw)} for name, model, kw in models]
+        rows = _rows(models, teacher, lambda model, kw: evaluate(model, data=data, n=n, seed=seed, **kw),
+                     {**evaluation, "features": _features_id(kind, None)})
         metric_keys = (["fid", "precision", "recall", "class_accuracy"] if kind == "digits"
                        else ["sliced_w", "modes_covered", "high_quality"])
     rows[0]["steps"] = student.steps
@@ -158,6 +324,11 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
             f"{measured}")
     if guide and cfg_scale != 1.0:
         text += f" The teacher rows sample with CFG scale {cfg_scale:g}, the guidance the student was distilled with."
+    cached = sorted({r["cached"] for r in rows if r.get("cached")})
+    if cached:
+        text += (f" Teacher rows from the cache, measured {' and '.join(cached)} (the same teacher weights, sampling, "
+                 f"samples, seed, data and metrics; their timing is from then; {teacher_cache_dir()} holds them, "
+                 "delete it to measure again).")
     sections = [
         {"heading": "Result", "text": text + (f"\n\n{note}" if note else ""), "table": table},
         {"heading": "Training curves", "images": curve_images},
