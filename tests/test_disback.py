@@ -527,3 +527,27 @@ def test_the_recording_runs_before_the_wrapped_method_is_moved_to_the_device(tmp
     monkeypatch.setattr(m.target, "to", lambda *a, **k: (order.append("target"), real_target_to(*a, **k))[1])
     m.to("cpu")
     assert order == ["record", "base", "target"]
+
+
+def test_a_per_step_fake_score_starts_from_the_paths_end_at_every_step(tmp_path):
+    """DisBack around a 2-step DMD2 (per-step fake score): D^(N) goes into the trunk in place (the optimizer keeps
+    the trained weights it holds) and every step's adapter is reset, so each step's fake score is D^(N)."""
+    from fewstep.models.lora import active_adapters
+
+    m = disback(point_teacher(), tmp_path, record_checkpoints=2, steps=2, dmd2={"gan": False, "ttur": 1})
+    guidance = _unwrap(m.players["guidance"].module)
+    fake = guidance.fake
+    held = {id(q) for g in m.players["guidance"].optimizer.param_groups for q in g["params"]}
+    with torch.no_grad():  # adapters away from zero, as after training: the load must reset them
+        for name, p in fake.named_parameters():
+            if ".lora_B." in name:
+                p.normal_()
+    m.to("cpu")
+    assert m.base.per_step
+    assert {id(q) for q in fake.parameters() if q.requires_grad} <= held  # the same parameter objects
+    end = Denoiser(copy.deepcopy(point_teacher().net), fake.schedule, fake.prediction_type, fake.sample_shape)
+    m.path.load_into(end, m.path.checkpoints)
+    x, t = torch.randn(8, 2), torch.full((8,), 500.0)
+    for i in (1, 2):
+        with active_adapters(fake, [f"step{i}"]):
+            assert torch.equal(fake(x, t), end(x, t))

@@ -200,13 +200,14 @@ configs = {
     "lightning": {"ladder": [2, 1], "teacher_steps": 4},
 }
 iterations = {"lightning": 4}  # one per phase: MSE, then LoRA cond / LoRA uncond / full
+steps = {"dmd2": 2}  # a 2-step DMD2: its per-step fake scores (adapters) must stay in sync too
 hashes, diverged = {}, {}
 for method, config in configs.items():
     n = iterations.get(method, 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         student = fewstep.distill(method=method, out=f"{out}/{method}", config={"method": method, **config},
-                                  iterations=n, checkpoint_every=n, **common)
+                                  iterations=n, checkpoint_every=n, **{**common, "steps": steps.get(method, 1)})
     diverged[method] = any("differs across processes" in str(w.message) for w in caught)
     blob = b"".join(v.detach().cpu().contiguous().numpy().tobytes() for v in student.state_dict().values())
     hashes[method] = hashlib.sha256(blob).hexdigest()
@@ -310,7 +311,7 @@ def run(name, fsdp, iterations, resume=False):
     lc = LoopConfig(iterations=iterations, batch_size=4, checkpoint_every=1, log_every=1, sample_every=0,
                     progress=False, fsdp=fsdp)
     torch.manual_seed(0)
-    m = DMD2Method(image_teacher(), DMD2Config(ttur=1, loop=lc))
+    m = DMD2Method(image_teacher(), DMD2Config(ttur=1, steps=2, loop=lc))  # 2 steps: per-step fake scores
     players = {n: p.module for n, p in m.players.items()}
     seen = {}
     loop.train(m, Data(), lc, f"{out}/{name}", resume=resume,

@@ -28,6 +28,7 @@ from fewstep.diffusion import samplers
 from fewstep.diffusion.denoiser import CFGDenoiser, Denoiser
 from fewstep.diffusion.schedule import DDPMSchedule, bcast
 from fewstep.errors import UserError
+from fewstep.methods.base import Batch
 from fewstep.methods.dmd2 import DMD2Method, distribution_matching_grad, distribution_matching_loss
 from fewstep.models.discriminators import FeatureHead
 from tiny import image_batch, image_teacher, params, point_batch, point_teacher
@@ -801,3 +802,193 @@ def test_distill_student_samples_in_eval_mode(tmp_path):
     student = distill(teacher="grid25", steps=1, out=tmp_path / "run", iterations=1, batch_size=16, sample_every=0,
                       progress=False, evaluate_n=0)
     assert not student.generator.training
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. The per-step fake score (fake_score: per_step; issue 16)
+# ------------------------------------------------------------------------------------------------------------------
+class AffineNet(torch.nn.Module):
+    """``x0_hat = W x_t + b`` (prediction type ``sample``, ``c_in`` = 1 on DDPM): at one fixed time this is *exactly* the
+    denoiser of Gaussian data ``N(m, s^2)``, ``W = diag(c)``, ``b = (1 - c a) m`` with ``c = a s^2 / (a^2 s^2 +
+    sigma^2)`` (see :func:`gaussian_denoiser`); its features are its output."""
+
+    def __init__(self, dim: int = 2) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, c_noise, cond=None):
+        return self.lin(x)
+
+    def features(self, x, c_noise, cond=None):
+        return self.lin(x)
+
+
+def _gaussian_affine(lin, m, s, a, sig):
+    c = a * s**2 / (a**2 * s**2 + sig**2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.diag(c).float())
+        lin.bias.copy_(((1 - c * a) * m).float())
+    return c
+
+
+def test_per_step_dm_gradient_uses_each_steps_own_fake_score():
+    """k = 2, per-step fake scores that are different exact Gaussian denoisers at the DM time (trunk N(m0, s0^2); step
+    i's adapter changes the scale to s_i with the same bias, so fake_i is the denoiser of N(m_i, s_i^2)): the gradient
+    the generator's loss hands to each step-i output is distribution_matching_grad against fake_i's closed form, not
+    against the other step's."""
+    schedule = DDPMSchedule(rescale_zero_terminal_snr=True)
+    teacher = Denoiser(AffineNet(), schedule, "sample", (2,))
+    t_dm = 500.0
+    a, sig = alpha_sigma64(schedule, t_dm)
+    m_r, s_r = torch.tensor([0.5, -0.3], dtype=torch.float64), torch.tensor([0.6, 0.9], dtype=torch.float64)
+    _gaussian_affine(teacher.net.lin, m_r, s_r, a, sig)
+    m = dmd2(teacher, steps=2, gan=False, ttur=1, fake_step_rank=2, dm_t_range=(0.5, 0.5))
+    assert m.per_step and m.cfg.fake_score == "per_step"
+    fake = m.players["guidance"].module.fake
+    m0, s0 = torch.tensor([-0.4, 0.2], dtype=torch.float64), torch.tensor([1.0, 0.7], dtype=torch.float64)
+    c0 = _gaussian_affine(fake.net.lin.base_layer, m0, s0, a, sig)
+    b = (1 - c0 * a) * m0
+    gaussians = []
+    for i, s_i in enumerate((torch.tensor([0.3, 1.5], dtype=torch.float64), torch.tensor([2.0, 0.4],
+                                                                                       dtype=torch.float64))):
+        c_i = a * s_i**2 / (a**2 * s_i**2 + sig**2)
+        gaussians.append((b / (1 - c_i * a), s_i))  # the same bias: only W differs, which the adapter changes
+        with torch.no_grad():  # rank 2, scale 1: W + B A with A = I, B = diag(c_i - c0)
+            fake.net.lin.lora_A[f"step{i + 1}"].weight.copy_(torch.eye(2))
+            fake.net.lin.lora_B[f"step{i + 1}"].weight.copy_(torch.diag(c_i - c0).float())
+    real_calls = CallRecorder(teacher)
+    outputs = []
+
+    def keep(module, args, output):
+        if output.requires_grad:
+            output.retain_grad()
+            outputs.append((float(args[1][0]), output))
+
+    handle = m.players["generator"].module.register_forward_hook(keep)
+    torch.manual_seed(0)
+    loss, _ = m.loss("generator", Batch(torch.zeros(64, 2)), 0)
+    loss.backward()
+    handle.remove()
+    real_calls.handle.remove()
+    # the batch is split over the steps: samples 0..31 are step 1's outputs (at t_1 = 999), 32..63 step 2's (t_2 = 499)
+    assert [t for t, _ in outputs] == [999.0, 499.0] and [o.shape[0] for _, o in outputs] == [32, 32]
+    x = torch.cat([o.detach() for _, o in outputs]).double()
+    got = torch.cat([o.grad for _, o in outputs]).double() * x.numel()
+    x_t, t = real_calls.calls[0]["x"].double(), real_calls.calls[0]["t"]
+    assert torch.equal(t, torch.full((64,), t_dm))
+    real_x0 = gaussian_denoiser(m_r, s_r, a, sig, x_t)
+    expected, wrong = [], []
+    for i, sl in enumerate((slice(0, 32), slice(32, 64))):
+        own, other = gaussians[i], gaussians[1 - i]
+        expected.append(distribution_matching_grad(x[sl], real_x0[sl], gaussian_denoiser(*own, a, sig, x_t[sl])))
+        wrong.append(distribution_matching_grad(x[sl], real_x0[sl], gaussian_denoiser(*other, a, sig, x_t[sl])))
+    expected, wrong = torch.cat(expected), torch.cat(wrong)
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)  # float32 network, float64 closed form
+    assert (got - wrong).abs().max() > 100 * 1e-4 * expected.abs().max()  # the steps' fake scores differ
+
+
+def test_training_chain_is_the_inference_sampler():
+    """The backward simulation that makes step-i training samples is the student sampler's first i steps: for the
+    same noise z and the same re-noising draws, sample b of step i equals ``sample_student(G, z, ts[:i + 1])[b]``."""
+    from fewstep.methods.dmd2 import backward_simulation, split_steps
+
+    teacher = point_teacher(out_std=0.3)
+    m = dmd2(teacher, steps=4, gan=False)
+    gen = m.players["generator"].module.denoiser
+    ts = m.timesteps
+    z = torch.randn(40, 2, generator=torch.Generator().manual_seed(3))
+    steps = split_steps(40, 4)
+    assert steps == sorted(steps) and [steps.count(i) for i in range(4)] == [10] * 4
+    x = backward_simulation(gen, m.schedule, z, ts, steps, generator=torch.Generator().manual_seed(7))
+    for i in range(4):
+        ref = samplers.sample_student(gen, z, ts[: i + 1], generator=torch.Generator().manual_seed(7))
+        rows = [b for b in range(40) if steps[b] == i]
+        assert_close(x[rows], ref[rows], rtol=1e-6, atol=1e-6)
+    # and the student a user samples runs the same chain: its output is step k's
+    from fewstep.student import Student
+
+    student = Student(gen, ts)
+    x_user = student.sample(40, z=z, generator=torch.Generator().manual_seed(7))
+    assert_close(x_user, samplers.sample_student(gen, z, ts, generator=torch.Generator().manual_seed(7)))
+
+
+def test_per_step_guidance_trains_each_fake_on_its_steps_outputs_only():
+    """The guidance loss calls fake_i (trunk + adapter i, the GAN head on its features) on step i's samples only, and
+    every adapter gets a gradient from its own samples alone; the shared fake score has no adapters."""
+    from fewstep.models.lora import active_adapter_names
+
+    m = dmd2(image_teacher(), steps=2, gan=True, ttur=1)
+    guidance = m.players["guidance"].module
+    seen = []
+    net = guidance.fake.net
+    handle = net.register_forward_pre_hook(lambda mod, args: seen.append((active_adapter_names(mod), args[0].shape[0])))
+    features = net.features
+    net.features = lambda x, *a: seen.append((active_adapter_names(net), x.shape[0])) or features(x, *a)
+    loss, stats = m.loss("guidance", image_batch(8), 0)
+    loss.backward()
+    handle.remove()
+    del net.features
+    # denoising, then the head on real and on fake samples: each time step 1's four samples, then step 2's
+    assert seen == [(["step1"], 4), (["step2"], 4)] * 3
+    for i in (1, 2):
+        grads_i = [p.grad for n, p in guidance.fake.named_parameters() if f"lora_B.step{i}." in n]
+        assert grads_i and any(g is not None and torch.count_nonzero(g) > 0 for g in grads_i)
+    # the trunk trains too (a full fake score: the shared part of every step's score)
+    assert any(p.grad is not None for n, p in guidance.fake.named_parameters() if ".lora_" not in n)
+    shared = dmd2(image_teacher(), steps=2, gan=True, ttur=1, fake_score="shared")
+    assert not any(".lora_" in n for n, _ in shared.players["guidance"].module.named_parameters())
+    one = dmd2(image_teacher(), steps=1, gan=True)  # k = 1: per_step is the shared fake score
+    assert not one.per_step and not any(".lora_" in n for n, _ in one.players["guidance"].module.named_parameters())
+
+
+def test_per_step_adapters_sit_on_a_lora_fake_score():
+    """fake_score in lora_players: the per-step adapters sit beside the fake score's own LoRA on the teacher's shared,
+    frozen base; each step's call applies its own adapter and the shared one."""
+    from fewstep.models.lora import active_adapter_names
+
+    teacher = image_teacher()
+    m = dmd2(teacher, steps=2, gan=False, lora_rank=4, fake_step_rank=2)
+    guidance = m.players["guidance"].module
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    frozen = [p for p in guidance.fake.parameters() if not p.requires_grad]
+    assert frozen and all(p.data_ptr() in teacher_ptrs for p in frozen)
+    assert guidance.trunk_adapters == ["default"]
+    seen = []
+    handle = guidance.fake.net.register_forward_pre_hook(lambda mod, args: seen.append(active_adapter_names(mod)))
+    m.loss("guidance", image_batch(8), 0)
+    handle.remove()
+    assert seen == [["default", "step1"], ["default", "step2"]]
+    assert active_adapter_names(guidance.fake.net) == ["default"]  # outside a call: the trunk
+
+
+@pytest.mark.parametrize("fake_score", ["per_step", "shared"])
+def test_k_step_run_logs_each_step_and_resumes_exactly(tmp_path, fake_score):
+    """A 2-step run logs every step's quality at its log rows (grid25: sliced W, modes, score mismatch, the pooled
+    value and the last step's gap), and a run stopped and resumed equals the uninterrupted one bit for bit."""
+    from fewstep import zoo
+    from fewstep.distillation import distill
+    from fewstep.train import read_metrics
+
+    if not zoo.zoo_path("grid25").with_suffix(".safetensors").is_file():
+        pytest.skip("the embedded grid25 teacher is not built")
+    common = dict(teacher="grid25", steps=2, batch_size=32, log_every=2, sample_every=0, checkpoint_every=2,
+                  progress=False, evaluate_n=0, ttur=2, fake_score=fake_score)
+    whole = distill(out=tmp_path / "whole", iterations=4, **common)
+    distill(out=tmp_path / "part", iterations=2, **common)
+    resumed = distill(out=tmp_path / "part", iterations=4, resume=True, **common)
+    a, b = whole.generator.state_dict(), resumed.generator.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from fewstep.train import list_checkpoints, load_checkpoint
+
+    fa = load_checkpoint(list_checkpoints(tmp_path / "whole")[-1])["players"]["guidance"]["module"]
+    fb = load_checkpoint(list_checkpoints(tmp_path / "part")[-1])["players"]["guidance"]["module"]
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert any(".lora_B.step2." in k for k in fa) == (fake_score == "per_step")
+    rows_a, rows_b = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(tmp_path / "part" / "metrics.jsonl")
+    assert [r["it"] for r in rows_a] == [r["it"] for r in rows_b] == [2, 4]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("guidance/step1/sliced_w", "guidance/step2/sliced_w", "guidance/step2/modes_covered",
+                    "guidance/step1/score_mismatch", "guidance/pooled/sliced_w", "guidance/last_gap/sliced_w"):
+            assert key in ra and ra[key] == rb[key], key
+        assert ra["guidance/last_gap/sliced_w"] == pytest.approx(ra["guidance/step2/sliced_w"]
+                                                                 - ra["guidance/pooled/sliced_w"])
