@@ -9,6 +9,7 @@ counted apart: PyTorch's flash / memory-efficient SDPA kernels on a GPU do not k
 
 Each recipe (``configs/sd15_*.yaml``, ``configs/sdxl_*.yaml``) is read through its method's config class (so absent
 fields take their defaults) and planned from its fields -- ``lora_rank``, ``lora_players``, ``ema_decay``, ``gan``,
+DMD2's ``fake_score`` / ``fake_step_rank`` (one LoRA adapter per student step on the fake score),
 ``lr_discriminator``, DisBack's ``base`` and ``record_*`` -- into the phases it runs. A phase counts everything it
 holds on the GPU, by what the training loop does with it (fewstep/train/loop.py, memory.py):
 
@@ -231,6 +232,11 @@ def _lora_players(cfg: Any) -> list[str]:
     return list(getattr(cfg, "lora_players", ["generator", "fake_score"]))
 
 
+def _per_step_fakes(cfg: Any) -> int:
+    """How many per-step adapters DMD2's fake score carries (0: one shared fake score; absent field: shared)."""
+    return cfg.steps if getattr(cfg, "fake_score", "shared") == "per_step" and cfg.steps > 1 else 0
+
+
 def _dmd2_terms(cfg: Any, n: dict[str, Any], disback: bool = False) -> tuple[list[Term], list[Term]]:
     """(GPU terms, checkpoint terms) of DMD2's one phase; ``disback``: the fake score's D^(N) unshares a LoRA base."""
     P, L, lora = n["P"], n["lora"](cfg.lora_rank), _lora_players(cfg)
@@ -245,6 +251,12 @@ def _dmd2_terms(cfg: Any, n: dict[str, Any], disback: bool = False) -> tuple[lis
         else:
             gpu.append((f"{label}, trained", P, TRAINED))
             ckpt.append((f"{label} + AdamW", P, 12))
+    k_steps = _per_step_fakes(cfg)
+    if k_steps:  # fake_score: per_step: one rank-fake_step_rank adapter per student step on the fake score's trunk
+        A = n["lora"](cfg.fake_step_rank)
+        gpu.append((f"fake score per-step adapters ({k_steps} x rank {cfg.fake_step_rank}), trained", k_steps * A,
+                    TRAINED))
+        ckpt.append(("fake score per-step adapters + AdamW", k_steps * A, 12))
     if cfg.gan:
         gpu.append(("GAN head, trained", HEAD_PARAMS, TRAINED))
         ckpt.append(("GAN head + AdamW", HEAD_PARAMS, 12))
@@ -386,6 +398,11 @@ def budget() -> tuple[list[dict[str, Any]], dict[str, Any]]:
                           "attention_matrices_gb": round(act["attention_matrices"], 2),
                           "largest_block_gb": round(act["largest_block"], 2),
                           "vae_decode_gb_checkpointed": round(act_gc["vae_decode"], 2)}
+        # DMD2's per-step fake score at 4 steps (README, DMD2): what 4 adapters of rank r add, against the 3 more
+        # full trained copies that one fake score per step would hold
+        shared[family]["dmd2_per_step_4_steps_gb"] = {
+            **{f"adapters_rank_{r}": round(4 * n["lora"](r) * TRAINED / GB, 2) for r in (8, 16, 64)},
+            "full_copies": round(3 * n["P"] * TRAINED / GB, 1)}
         for name in RECIPES:
             if name.startswith(family + "_"):
                 rows += plan(name, load_recipe(name), n, act_gc, act, family)

@@ -69,6 +69,9 @@ def dmd2_tally(cfg, n: dict, disback: bool = False) -> tuple[float, float]:
         else:
             gpu += 16 * P
             ckpt += 12 * P
+    if getattr(cfg, "fake_score", "shared") == "per_step" and cfg.steps > 1:  # one adapter per step on the fake
+        A = cfg.steps * n["L1"] * cfg.fake_step_rank
+        gpu, ckpt = gpu + 16 * A, ckpt + 12 * A
     if cfg.gan:
         gpu, ckpt = gpu + 16 * mb.HEAD_PARAMS, ckpt + 12 * mb.HEAD_PARAMS
     if cfg.ema_decay is not None:
