@@ -26,14 +26,17 @@ A :class:`~fewstep.methods.base.Method` supplies players and losses; this loop d
   iterations, at the end, and once ``checkpoint_minutes`` of wall time have passed since the last one (decided by
   the main process for all), written atomically, the newest ``keep_checkpoints`` kept; tensors and plain values
   only, loaded back with ``torch.load(weights_only=True)``; each carries the run's resolved config;
+* **disk** -- before training and before each checkpoint the disk must have room for it (its size estimated from the
+  live tensors, plus a margin), else every process stops with one line and the last checkpoint stays intact
+  (:func:`_check_disk`, :func:`_no_room`); a resume applies a lowered ``keep_checkpoints`` at once;
 * **resume** -- from the newest checkpoint that loads (a damaged one falls back to the one before, with a one-line
   warning); refused when there is none, or when the config differs from the checkpoint's in anything but
   :data:`SAFE_TO_CHANGE_ON_RESUME` and a longer ``loop.iterations``. ``metrics.jsonl`` rows up to the checkpoint
   are kept byte for byte, the ones after it dropped (the resumed run writes them again).
 
 :func:`train` reads as its pieces: :func:`_set_up`, :func:`_prepare_players`, :func:`_restore_run`,
-:func:`_open_outputs`, then per iteration :func:`_train_step` (:func:`_update` per player), :func:`_log`,
-:func:`_checkpoint_due` / :func:`_save_checkpoint`, and :func:`_close` / :func:`_finish`, sharing a :class:`_Run`.
+:func:`_check_disk`, :func:`_open_outputs`, then per iteration :func:`_train_step` (:func:`_update` per player),
+:func:`_log`, :func:`_checkpoint_due` / :func:`_save_checkpoint`, and :func:`_close` / :func:`_finish`, sharing a :class:`_Run`.
 
 Steps are counted in *iterations done*: the checkpoint, the log row and the sample grid written after iteration
 ``it`` (0-based) all carry ``step = it + 1``.
