@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,30 @@ import yaml
 from .io import atomic_write_json
 
 
+#: a k-step DMD2 run's per-step diagnostics (``guidance/step2/sliced_w``, ``guidance/pooled/sliced_w``)
+_PER_STEP = re.compile(r"^(?P<player>[^/]+)/(?P<which>step\d+|pooled)/(?P<metric>[^/]+)$")
+
+
 def _loss_keys(rows: list[dict[str, Any]]) -> list[str]:
     keys: list[str] = []
     for row in rows:
         for k in row:
-            if "/" in k and not k.endswith("/lr") and k not in keys:
+            if "/" in k and not k.endswith("/lr") and k not in keys and not _PER_STEP.match(k):
                 keys.append(k)
     return keys
+
+
+def _per_step_keys(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """``{metric: [step1 key, step2 key, ..., pooled key]}``: one plot per metric, one line per step, so a step that
+    collapses while the pooled outputs look fine shows at once (issue 16)."""
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        for k in row:
+            m = _PER_STEP.match(k)
+            if m and k not in out.setdefault(f"{m['player']}/{m['metric']}", []):
+                out[f"{m['player']}/{m['metric']}"].append(k)
+    order = lambda k: (1, 0) if "/pooled/" in k else (0, int(re.search(r"/step(\d+)/", k)[1]))  # noqa: E731
+    return {metric: sorted(keys, key=order) for metric, keys in out.items()}
 
 
 #: samples per model for the timing of a run without a feature network (no FID to feed)
@@ -89,8 +107,11 @@ def _file_id(path: Path, whole: bool = True) -> str:
     """A file's bytes' SHA-256 (``whole`` and at most :data:`HASH_WHOLE_BYTES`), else its size and mtime."""
     st = path.stat()
     if whole and st.st_size <= HASH_WHOLE_BYTES:
+        h = hashlib.sha256()
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
@@ -315,6 +336,11 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
         name = key.replace("/", "_")
         plot_curves(metrics_rows, [key], run_dir / "curves" / f"{name}.png", x="it", title=key)
         curve_images.append((key, f"curves/{name}.png"))
+    for metric, keys in _per_step_keys(metrics_rows).items():  # each student step's output over training
+        name = "per_step_" + metric.replace("/", "_")
+        plot_curves(metrics_rows, keys, run_dir / "curves" / f"{name}.png", x="it",
+                    title=f"{metric.split('/')[-1]} of each student step's output (and of all steps pooled)")
+        curve_images.insert(0, (f"per step: {metric.split('/')[-1]}", f"curves/{name}.png"))
     grids = sorted((run_dir / "samples").glob("step_*.png"))
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
     cfg = yaml.safe_load(config_text) if config_text else {}
