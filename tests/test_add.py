@@ -625,7 +625,7 @@ def test_distill_end_to_end_grid25(tmp_path, with_add):
     assert _changed(saved, teacher.net.state_dict())
     loaded = load_model(out)
     assert isinstance(loaded, Student) and loaded.timesteps.tolist() == [999.0]
-    assert_close(loaded.sample(50, seed=3), student.sample(50, seed=3))
+    assert_close(loaded.sample(50, seed=3), student.sample(50, seed=3), rtol=0, atol=0)  # same weights, same ops
     # one ADD student samples in 1 to 4 steps (2 and 4 land on the training times 999 749 499 249)
     for k in (1, 2, 3, 4):
         s = Student(student.generator, student_timesteps(student.schedule, k))
