@@ -180,3 +180,23 @@ def test_every_process_stops_together_under_ddp(tmp_path: Path) -> None:
     assert outcomes[0] == outcomes[1], outcomes
     assert outcomes[0].startswith("not enough disk space for checkpoint step_00000020.pt")
     assert [p.name for p in list_checkpoints(run)] == ["step_00000010.pt"] and leftovers(run) == []
+
+
+def test_fewstep_distill_on_a_full_disk_exits_2_with_one_line_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from fewstep.cli import main
+
+    run = tmp_path / "run"
+    argv = ["distill", "--teacher", "ring8", "--iterations", "4", "--checkpoint-every", "2", "--batch-size", "16",
+            "--out", str(run)]
+    fake_disk(monkeypatch, run, room_for=1)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line[line.index("fewstep: error: "):] for line in err.splitlines() if "fewstep: error: " in line]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("fewstep: error: not enough disk space for checkpoint step_00000004.pt in ")
+    assert errors[0].endswith("the last checkpoint, step_00000002.pt, is intact and --resume continues from it")
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002.pt"] and leftovers(run) == []
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0
+    assert (run / "student.safetensors").is_file() and (run / "report.html").is_file()
