@@ -36,7 +36,8 @@ A :class:`~fewstep.methods.base.Method` supplies players and losses; this loop d
 
 :func:`train` reads as its pieces: :func:`_set_up`, :func:`_prepare_players`, :func:`_restore_run`,
 :func:`_check_disk`, :func:`_open_outputs`, then per iteration :func:`_train_step` (:func:`_update` per player),
-:func:`_log`, :func:`_checkpoint_due` / :func:`_save_checkpoint`, and :func:`_close` / :func:`_finish`, sharing a :class:`_Run`.
+:func:`_log`, :func:`_checkpoint_due` / :func:`_save_checkpoint`, and :func:`_close` / :func:`_finish`, sharing a
+:class:`_Run`.
 
 Steps are counted in *iterations done*: the checkpoint, the log row and the sample grid written after iteration
 ``it`` (0-based) all carry ``step = it + 1``.
