@@ -119,7 +119,7 @@ def test_room_for_one_checkpoint_but_not_the_kept_ones_is_a_warning(tmp_path: Pa
 
     monkeypatch.setattr(shutil, "disk_usage", usage)
     with pytest.warns(UserWarning, match=r"less than the .* that the 4 checkpoints of about .* this run holds at once "
-                                         r"need \(the newest 3 and the one being written\)"):
+                                         r"need \(it keeps the newest 3 and writes each new one before removing"):
         with pytest.raises(UserError, match="checkpoint step_00000020.pt"):
             train_teacher(small_cfg(40), run, dataset=Mixture(512))  # 10 is written; 20 needs 10's room again
     assert [p.name for p in list_checkpoints(run)] == ["step_00000010.pt"]

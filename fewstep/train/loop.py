@@ -913,7 +913,7 @@ def _check_disk(run: _Run) -> None:
         folder = checkpoint_path(run.run_dir, 0).parent
         size, free = _checkpoint_bytes(run), free_bytes(folder)
         kept = len(list_checkpoints(run.run_dir))
-        most = min(kept + writes - 1, cfg.keep_checkpoints) + 1 - kept  # new files on disk at once, at most
+        most = max(1, min(kept + writes - 1, cfg.keep_checkpoints) + 1 - kept)  # new files on disk at once
         if free < with_margin(size):
             error = (f"{folder} has {show_bytes(free)} free, too little for one checkpoint of this run (about "
                      f"{show_bytes(size)}; {show_bytes(with_margin(size))} with room to spare), so nothing was "
@@ -921,9 +921,10 @@ def _check_disk(run: _Run) -> None:
                      f"{show_bytes(with_margin(most * size))} for its checkpoints)")
         elif free < with_margin(most * size):
             warnings.warn(f"{folder} has {show_bytes(free)} free, less than the {show_bytes(with_margin(most * size))}"
-                          f" that the {most} checkpoints of about {show_bytes(size)} this run holds at once need (the "
-                          f"newest {cfg.keep_checkpoints} and the one being written); it stops with a one-line error "
-                          f"when the next one does not fit (--resume continues) unless you {_disk_fix(run)}",
+                          f" that the {most} checkpoints of about {show_bytes(size)} this run holds at once need (it "
+                          f"keeps the newest {cfg.keep_checkpoints} and writes each new one before removing the "
+                          f"oldest); it stops with a one-line error when the next one does not fit (--resume "
+                          f"continues) unless you {_disk_fix(run)}",
                           stacklevel=3)
     _raise_on_every_process(run, error)
 
