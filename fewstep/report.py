@@ -7,7 +7,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -222,7 +222,8 @@ def _store_row(key: dict[str, Any], row: dict[str, Any]) -> None:
         warnings.warn(f"the teacher's rows are not cached ({e})", stacklevel=3)
 
 
-def _rows(models: list[tuple[str, Any, dict[str, Any]]], teacher: Any, measure: Any,
+def _rows(models: list[tuple[str, Any, dict[str, Any]]], teacher: Any,
+          measure: Callable[[Any, dict[str, Any]], dict[str, Any]],
           evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per model, ``{"model": name, **measure(model, kw)}``; a teacher's row from the cache when what decides
     it (:func:`teacher_cache_key` with ``evaluation`` and the row's ``kw``) was measured before (such a row has
