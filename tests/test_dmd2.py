@@ -992,3 +992,17 @@ def test_k_step_run_logs_each_step_and_resumes_exactly(tmp_path, fake_score):
             assert key in ra and ra[key] == rb[key], key
         assert ra["guidance/last_gap/sliced_w"] == pytest.approx(ra["guidance/step2/sliced_w"]
                                                                  - ra["guidance/pooled/sliced_w"])
+
+
+def test_the_report_plots_each_step_on_one_figure_per_metric():
+    """The per-step keys are left out of the one-curve-per-key plots and grouped: one figure per metric, its lines the
+    steps in order, then the pooled value (the last step's gap stays a curve of its own)."""
+    from fewstep.report import _loss_keys, _per_step_keys
+
+    rows = [{"it": 5, "guidance/denoise": 1.0, "guidance/step10/sliced_w": 0.1, "guidance/step2/sliced_w": 0.2,
+             "guidance/pooled/sliced_w": 0.3, "guidance/step2/score_mismatch": 0.5,
+             "guidance/last_gap/sliced_w": 0.1, "guidance/lr": 1e-4}]
+    assert _loss_keys(rows) == ["guidance/denoise", "guidance/last_gap/sliced_w"]
+    assert _per_step_keys(rows) == {
+        "guidance/sliced_w": ["guidance/step2/sliced_w", "guidance/step10/sliced_w", "guidance/pooled/sliced_w"],
+        "guidance/score_mismatch": ["guidance/step2/score_mismatch"]}
