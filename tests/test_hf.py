@@ -313,7 +313,7 @@ CASES = [
     ("sd", "dmd2", {"steps": 1, "guidance_scale": 2.0}),
     ("dit", "dmd2", {"steps": 1, "guidance_scale": 2.0}),
     ("sd3", "dmd2", {"steps": 2}),
-    ("sdxl", "dmd2", {"steps": 1, "guidance_scale": 2.0}),
+    ("sdxl", "dmd2", {"steps": 2, "guidance_scale": 2.0}),  # 2 steps: per-step fake scores with prompt dicts
     ("unet", "add", {"steps": 1}),
     ("sd", "add", {"steps": 1, "weighting": "nfsd", "guidance_scale": 2.0}),
     ("dit", "add", {"steps": 2}),

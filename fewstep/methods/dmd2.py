@@ -401,8 +401,8 @@ class DMD2Method(Method):
                         from ..eval.metrics import feature_stats
 
                         model = load_digits_classifier().eval()
-                        with torch.no_grad():
-                            stats = feature_stats(model.features(data.x[:2000].clamp(-1, 1)))
+                        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # float32 features
+                            stats = feature_stats(model.features(data.x[:2000].float().clamp(-1, 1)))
                         self._reference = ("digits", (model, stats))
         return self._reference
 
@@ -461,7 +461,8 @@ class DMD2Method(Method):
             model.to(device)
 
             def measure(x: Tensor) -> dict[str, float]:
-                f = model.features(x.float().clamp(-1, 1)).cpu()
+                with torch.autocast(device.type, enabled=False):  # float32 features, as the evaluation's
+                    f = model.features(x.float().clamp(-1, 1)).float().cpu()
                 return {"fid": frechet_distance(*feature_stats(f), *stats)}
         else:
             return out
