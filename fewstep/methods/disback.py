@@ -12,7 +12,9 @@ distribution. DisBack gives the generator a path to follow instead of the endpoi
    runs unchanged, except that its *real score* is a frozen copy of the teacher into which the path's checkpoints are
    loaded in reverse order ``D^(N-1), D^(N-2), ..., D^(0) = teacher`` (:class:`Backtrack`), moving on every
    ``switch_every`` iterations or when the score mismatch on the current target falls below ``switch_threshold``.
-   The fake score (where the method has one) starts from ``D^(N)``, which already fits the initial generator.
+   The fake score (where the method has one) starts from ``D^(N)``, which already fits the initial generator; DMD2's
+   per-step fake score (``fake_score: per_step``) at every step: ``D^(N)`` goes into its trunk (in place, the
+   optimizer's weights) and each step's adapter is reset to zero.
 
 Choices where the paper and METHODS.md are silent, following the public DisBack code (SDXL on DMD2) where it is sound:
 

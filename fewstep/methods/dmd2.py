@@ -14,7 +14,14 @@ bottleneck features. The frozen teacher ``D_real`` gives the real score, with CF
   (``warmup_unit``; :func:`lr_factor`).
 * LoRA (``lora_rank``, ``lora_alpha``) on the players named in ``lora_players``; the others train in full.
 * Backward simulation: a k-step generator's training input ``x_{t_i}`` comes from its own sampler (no gradient),
-  not from noised data (DMD2 sec. 4.5).
+  not from noised data (DMD2 sec. 4.5; :func:`backward_simulation`).
+* Per-step fake score (``fake_score: per_step``, the default for k > 1; ours, issue 16): one shared fake score (the
+  DMD2 code) models the mixture of the k steps' outputs, so only the mixture is matched to the data and the last
+  step can collapse. Here the fake network carries one LoRA adapter per step (``fake_step_rank``) on its trunk, each
+  iteration splits the batch evenly over the steps, and step ``i``'s samples are denoised, scored (DM gradient) and
+  judged (the GAN head on its features) by ``fake_i = trunk + delta_i`` alone. ``shared`` keeps one fake score and one
+  random step per batch.
+* Per-step diagnostics: a k-step run measures each step's output at every log row (:meth:`step_diagnostics`).
 * DMD (v1) ablation: no TTUR, no GAN, plus an L2 regression to teacher ODE pairs (Yin et al. 2023, eq. 9).
 
 The distribution-matching mathematics are plain functions (:func:`distribution_matching_grad`,
@@ -31,9 +38,10 @@ from torch import Tensor, nn
 
 from ..config import DMD2Config
 from ..diffusion.denoiser import Denoiser, guided
-from ..diffusion.samplers import _randn_like, initial_noise, sample as teacher_sample, student_timesteps
+from ..diffusion.samplers import _randn_like, initial_noise, sample as teacher_sample, sample_student, student_timesteps
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
-from ..models.lora import active_adapter_names, active_adapters, add_adapters, apply_lora, share_frozen_weights, trainable
+from ..models.lora import (active_adapter_names, active_adapters, add_adapters, apply_lora, share_frozen_weights,
+                           trainable)
 from .base import Batch, Method, Player, batch_cond
 
 
@@ -418,8 +426,6 @@ class DMD2Method(Method):
         ``last_gap/<metric>`` = the last step's minus the pooled one (large: the last step, the one a user samples,
         is worse than the mixture the shared fake score matches).
         """
-        from ..diffusion.samplers import sample_student
-
         kind, ref = self._diagnostic_reference()
         device = batch.x0.device
         g = torch.Generator().manual_seed(self.cfg.loop.seed * 1_000_003 + it)
