@@ -9,7 +9,8 @@ fake score (``full``: ``fake_score: per_step``, the default) and with one shared
 code; at 1 step the two are the same run, so ``full`` 1-step stands for both); 1-step ablations without TTUR
 (ttur 1), without the GAN head, and DMD (v1: no TTUR, no GAN, L2 regression to teacher ODE pairs). Every k-step
 student also gets one row per step (variant ``<variant>@step<i>``): the quality of its step-i output (the first i
-steps of its own sampler, same seeds), the per-step table of issue 16. Each distillation run uses the shipped config
+steps of its own sampler, same seeds), and ``<variant>@pooled`` all steps' outputs together (n / k of each): the
+per-step table of issue 16. Each distillation run uses the shipped config
 for its data (configs/dmd2_<data>.yaml), so the budget is the same for every variant. Writes
 benchmarks/results/dmd2.json and prints the README tables.
 """
@@ -45,6 +46,22 @@ def step_students(student):
     return [Student(student.generator, student.timesteps[: i + 1], info=student.info) for i in range(student.steps)]
 
 
+def pooled_metrics(student, data: str, n: int, seed: int) -> dict:
+    """The metrics of all k steps' outputs pooled: ``n // k`` samples of each step's output (same seed), ``n`` in all,
+    so the row compares with the per-step ones (the mixture a shared fake score matches)."""
+    import torch
+
+    from fewstep.data import load_data
+    from fewstep.eval import evaluate_samples
+
+    k, m = student.steps, n // student.steps
+    labels = torch.arange(m) % student.num_classes if student.num_classes > 0 else None
+    x = torch.cat([s.sample(m, labels=labels, seed=seed) for s in step_students(student)])
+    shape = student.sample_shape
+    test = load_data(data, "test", resolution=shape[-1] if len(shape) == 3 else None)
+    return {**evaluate_samples(x, test, labels=None if labels is None else labels.repeat(k)), "nfe": None}
+
+
 def main() -> None:
     from fewstep.api import evaluate
     from fewstep.distillation import distill
@@ -74,12 +91,14 @@ def main() -> None:
                         # steps: the student's k; nfe: the i steps its step-i output took
                         per_step.append([{**evaluate(s, n=a.n, seed=seed), **common,
                                           "variant": f"{name}@step{i + 1}", "wall_seconds": None}
-                                         for i, s in enumerate(step_students(student))])
+                                         for i, s in enumerate(step_students(student))]
+                                        + [{**pooled_metrics(student, data, a.n, seed), **common,
+                                            "variant": f"{name}@pooled", "wall_seconds": None}])
                 rows.append(average(per_seed))
                 print(row_line(rows[-1]), flush=True)
-                for i in range(steps if steps > 1 else 0):
+                for i in range(steps + 1 if steps > 1 else 0):  # each step, then the pooled outputs
                     rows.append(average([seed_rows[i] for seed_rows in per_step]))
-                    print(row_line(rows[-1]), flush=True)
+                    print(row_line({**rows[-1], "nfe": rows[-1]["nfe"] or "-"}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     path = write_results("dmd2", meta(a.seeds, n=a.n), rows)
