@@ -1006,3 +1006,32 @@ def test_the_report_plots_each_step_on_one_figure_per_metric():
     assert _per_step_keys(rows) == {
         "guidance/sliced_w": ["guidance/step2/sliced_w", "guidance/step10/sliced_w", "guidance/pooled/sliced_w"],
         "guidance/score_mismatch": ["guidance/step2/score_mismatch"]}
+
+
+@pytest.mark.parametrize("player", ["guidance", "generator"])
+def test_per_step_fake_scores_under_gradient_checkpointing(player):
+    """Gradient checkpointing recomputes each step's fake-score call in backward, after the call's adapter selection
+    has ended: every call's gradient hook selects its adapters again, so the gradients are those of a run without
+    checkpointing (the same arithmetic: equal to float32 rounding, in practice bit for bit)."""
+    from fewstep.models.checkpointing import enable_gradient_checkpointing
+
+    def gradients(checkpointing: bool) -> dict:
+        m = dmd2(image_teacher(), steps=2, gan=True, ttur=1)
+        guidance = m.players["guidance"].module
+        with torch.no_grad():  # adapters that differ, as after training
+            for name, p in guidance.fake.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(std=0.5)
+        if checkpointing:
+            assert enable_gradient_checkpointing(guidance) and enable_gradient_checkpointing(
+                m.players["generator"].module)
+        torch.manual_seed(1)
+        loss, _ = m.loss(player, image_batch(8), 0)
+        loss.backward()
+        module = m.players[player].module
+        return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and any(".lora_B.step2." in k for k in plain) == (player == "guidance")
+    for k in plain:
+        assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-7)

@@ -148,6 +148,16 @@ class Generator(nn.Module):
         return self.denoiser(x_t, t, cond)
 
 
+def _selecting(fake: nn.Module, names: list[str]) -> Any:
+    """A gradient hook on one step's output that selects that step's adapters before autograd runs back through the
+    call (and recomputes its checkpointed blocks). Autograd runs the nodes of later calls first (its ready queue is
+    ordered by creation), so each call's backward runs whole, after its own hook (tested against a run without
+    checkpointing)."""
+    from ..models.lora import select_adapters
+
+    return lambda grad: select_adapters(fake, names)
+
+
 def step_adapter(i: int) -> str:
     """The name of student step ``i``'s (0-based) adapter on a per-step fake score."""
     return f"step{i + 1}"
@@ -175,8 +185,12 @@ class Guidance(nn.Module):
             return fn(*args)
         outs = []
         for i, sl in groups:
-            with active_adapters(self.fake, [*self.trunk_adapters, step_adapter(i)]):
-                outs.append(fn(*(take(a, sl) for a in args)))
+            names = [*self.trunk_adapters, step_adapter(i)]
+            with active_adapters(self.fake, names):
+                out = fn(*(take(a, sl) for a in args))
+            if out.requires_grad:  # gradient checkpointing recomputes this call in backward: with the same adapters
+                out.register_hook(_selecting(self.fake, names))
+            outs.append(out)
         return torch.cat(outs)
 
     def score(self, x_t: Tensor, t: Tensor, cond: Any, groups: list[tuple[int, slice]] | None = None) -> Tensor:

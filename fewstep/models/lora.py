@@ -112,6 +112,15 @@ def active_adapter_names(net: nn.Module) -> list[str]:
     return [] if layer is None else list(layer.active_adapters)
 
 
+def select_adapters(module: nn.Module, names: Iterable[str]) -> None:
+    """Make ``module``'s LoRA layers apply exactly the adapters ``names`` from now on (``requires_grad`` untouched)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in getattr(module, "net", module).modules():
+        if isinstance(m, BaseTunerLayer):
+            m._active_adapter = list(names)
+
+
 @contextlib.contextmanager
 def active_adapters(module: nn.Module, names: Iterable[str]) -> Iterator[None]:
     """Within the block, ``module``'s LoRA layers apply exactly the adapters ``names`` (the others are skipped);
