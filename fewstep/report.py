@@ -40,6 +40,13 @@ def _per_step_keys(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
     return {metric: sorted(keys, key=order) for metric, keys in out.items()}
 
 
+#: curves the report shows first, with a title saying what they measure (ADD's two terms' pull on the student output)
+_CURVE_TITLES = {
+    "generator/grad_ratio": "ADD: lambda ||dL_distill/dx|| / ||dL_adv/dx|| on the student output",
+    "generator/grad_cos": "ADD: cosine of dL_distill/dx and dL_adv/dx",
+}
+
+
 #: samples per model for the timing of a run without a feature network (no FID to feed)
 TIMING_N = 16
 
@@ -335,8 +342,8 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
     curve_images = []
     for key in _loss_keys(metrics_rows):
         name = key.replace("/", "_")
-        plot_curves(metrics_rows, [key], run_dir / "curves" / f"{name}.png", x="it", title=key)
-        curve_images.append((key, f"curves/{name}.png"))
+        plot_curves(metrics_rows, [key], run_dir / "curves" / f"{name}.png", x="it", title=_CURVE_TITLES.get(key, key))
+        curve_images.insert(len(curve_images) if key not in _CURVE_TITLES else 0, (key, f"curves/{name}.png"))
     for metric, keys in _per_step_keys(metrics_rows).items():  # each student step's output over training
         name = "per_step_" + metric.replace("/", "_")
         plot_curves(metrics_rows, keys, run_dir / "curves" / f"{name}.png", x="it",

@@ -30,6 +30,7 @@ from fewstep.methods.add import (
     ADDMethod,
     distillation_loss,
     distillation_weight,
+    gradient_ratio,
     nfsd_target,
     score_distillation_loss,
 )
@@ -151,6 +152,67 @@ def test_exponential_weighting_gradient():
     explicit = torch.autograd.grad((x_hat * (2 * a * (x_hat - x_psi)).detach()).sum() / x_hat.numel(), theta)
     for o, e in zip(ours, explicit):
         assert_close(o, e, rtol=1e-4, atol=1e-7)
+
+
+def test_distill_reduction_sum_is_D_times_mean():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 4, 5, generator=g).requires_grad_(True)  # D = 20
+    y, c = torch.randn(3, 1, 4, 5, generator=g), torch.rand(3, generator=g)
+    mean, total = distillation_loss(x, y, c, "mean"), distillation_loss(x, y, c, "sum")
+    by_hand = (c * ((x - y) ** 2).sum((1, 2, 3))).mean()  # the paper's ||x - y||^2 per sample, batch mean
+    assert_close(total, by_hand)
+    assert_close(total, 20 * mean)
+    (gx,) = torch.autograd.grad(total, x)
+    assert_close(gx, 2 * c.view(3, 1, 1, 1) * (x - y).detach() / 3)  # 2 c_b (x_b - y_b) / B
+    with pytest.raises(ValueError, match="reduction"):
+        distillation_loss(x, y, c, "max")
+    assert ADDConfig().distill_reduction == "mean"
+
+
+def test_gradient_ratio_by_hand():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, generator=g).requires_grad_(True)
+    a, y = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    adv, dist = (a * x).sum(), ((x - y) ** 2).mean()  # dL_adv/dx = a, dL_distill/dx = 2 (x - y) / 12
+    out = gradient_ratio(x, adv, dist, 2.5)
+    g_dist = (2 * (x - y) / 12).detach()
+    assert_close(out["grad_norm_adv"], a.norm())
+    assert_close(out["grad_norm_distill"], g_dist.norm())
+    assert_close(out["grad_ratio"], 2.5 * g_dist.norm() / a.norm())
+    assert_close(out["grad_cos"], (a * g_dist).sum() / (a.norm() * g_dist.norm()))
+    assert x.grad is None  # nothing accumulated
+    (adv + dist).backward()  # the graph is still there
+    assert_close(x.grad, a + g_dist)
+
+
+def test_the_generator_logs_the_gradient_ratio_when_due_without_changing_the_step():
+    teacher, batch = point_teacher(), point_batch()
+    loop = {"iterations": 10, "log_every": 4}
+
+    def step(m, it):
+        gen = m.players["generator"].module
+        gen.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        loss, stats = m.loss("generator", batch, it)
+        loss.backward()
+        return loss.detach(), {k: v.grad.clone() for k, v in gen.named_parameters()}, stats
+
+    m = add(teacher, data="grid25", loop=loop)
+    assert [it for it in range(10) if m.ratio_due(it)] == [3, 7, 9]  # the logged rows' iterations and the last
+    loss_due, grads_due, stats = step(m, 3)
+    loss_not, grads_not, stats_not = step(m, 2)
+    assert {"grad_ratio", "grad_cos", "grad_norm_adv", "grad_norm_distill"} <= set(stats)
+    assert "grad_ratio" not in stats_not
+    assert torch.equal(loss_due, loss_not)  # bit for bit: the measurement changes nothing of the step
+    assert all(torch.equal(grads_due[k], grads_not[k]) for k in grads_due)
+    # sum over the D = 2 dimensions: the same adversarial gradient, D times the distillation one
+    _, _, stats_sum = step(add(teacher, data="grid25", loop=loop, distill_reduction="sum"), 3)
+    assert_close(stats_sum["grad_norm_adv"], stats["grad_norm_adv"])
+    assert_close(stats_sum["grad_ratio"], 2 * stats["grad_ratio"])
+    assert_close(stats_sum["grad_cos"], stats["grad_cos"])
+    # one term only: no ratio
+    for ablation in ({"distill_weight": 0.0}, {"adversarial": False}):
+        assert not add(teacher, data="grid25", loop=loop, **ablation).ratio_due(3)
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.5])
@@ -619,6 +681,9 @@ def test_distill_end_to_end_grid25(tmp_path, with_add):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["it"] for r in rows] == [4, 8, 12]
     assert {"generator/adv", "generator/distill", "discriminator/hinge", "discriminator/r1"} <= set(rows[-1])
+    assert all(r["generator/grad_ratio"] > 0 and abs(r["generator/grad_cos"]) <= 1 for r in rows)  # every log row
+    assert (out / "curves" / "generator_grad_ratio.png").is_file()
+    assert "curves/generator_grad_ratio.png" in (out / "report.html").read_text()
     assert "method: add" in (out / "config.yaml").read_text()
     teacher = load_teacher("grid25")
     saved = load_file(str(out / "student.safetensors"))
