@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -210,7 +211,8 @@ def test_backtrack_threshold_switching():
 def test_every_switch_loads_the_intended_checkpoint(tmp_path):
     teacher = point_teacher()
     teacher_before = net_state(teacher)
-    m = disback(teacher, tmp_path, record_checkpoints=3, switch_every=2, dmd2={"gan": False, "guidance_scale": 1.0})
+    m = disback(teacher, tmp_path, record_checkpoints=3, switch_every=2, switch_unit="iterations",
+                dmd2={"gan": False, "guidance_scale": 1.0})
     m.to("cpu")
     n = m.path.checkpoints
     files = {k: load_file(str(m.path.file(k))) for k in range(1, n + 1)}
@@ -299,7 +301,7 @@ def test_threshold_switching_in_the_method(tmp_path):
 
 def test_resume_restores_the_stage(tmp_path):
     teacher = point_teacher()
-    m = disback(teacher, tmp_path, record_checkpoints=4, switch_every=2)
+    m = disback(teacher, tmp_path, record_checkpoints=4, switch_every=2, switch_unit="iterations")
     m.to("cpu")
     for it in range(5):
         m.updates(it)
@@ -310,7 +312,7 @@ def test_resume_restores_the_stage(tmp_path):
     torch.save(state, buf)
     state = torch.load(buf, weights_only=True)
 
-    again = disback(teacher, tmp_path, record_checkpoints=4, switch_every=2)
+    again = disback(teacher, tmp_path, record_checkpoints=4, switch_every=2, switch_unit="iterations")
     again.to("cpu")
     assert not again.path.recorded and again.backtrack.stage == 0
     again.load_extra_state(state)
@@ -321,9 +323,91 @@ def test_resume_restores_the_stage(tmp_path):
     again.updates(6)
     assert again.backtrack.stage == 3
     # a checkpoint made along another path is refused
-    other = disback(point_teacher(seed=2), tmp_path, record_checkpoints=4, switch_every=2)
+    other = disback(point_teacher(seed=2), tmp_path, record_checkpoints=4, switch_every=2, switch_unit="iterations")
     with pytest.raises(UserError, match="degradation path"):
         other.load_extra_state(state)
+
+
+def test_switches_count_generator_updates(tmp_path):
+    teacher = point_teacher()
+
+    def switches(m, its, start=0):
+        for it in range(start, its):
+            m.updates(it)
+        return [s for s in m.backtrack.switches]
+
+    # ttur 5: the generator updates at iterations 0, 5, 10, ...; a switch every 3 of its updates is one at 15, 30, 45
+    m = disback(teacher, tmp_path, record_checkpoints=4, switch_every=3, dmd2={"gan": False, "ttur": 5})
+    m.to("cpu")
+    assert switches(m, 60) == [(15, 1), (30, 2), (45, 3)] and m.generator_updates == 12
+    # the iteration form: every 3 iterations
+    it_form = disback(teacher, tmp_path, record_checkpoints=4, switch_every=3, switch_unit="iterations",
+                      dmd2={"gan": False, "ttur": 5})
+    it_form.to("cpu")
+    assert switches(it_form, 60) == [(3, 1), (6, 2), (9, 3)]
+    # resume-safe: the count is the method's own, from its checkpointed state (stopped at 22: 5 updates, stage 1)
+    first = disback(teacher, tmp_path, record_checkpoints=4, switch_every=3, dmd2={"gan": False, "ttur": 5})
+    first.to("cpu")
+    switches(first, 22)
+    state = torch.load(_saved(first.extra_state(), tmp_path), weights_only=True)
+    assert state["disback"]["generator_updates"] == 5 and state["disback"]["stage"] == 1
+    again = disback(teacher, tmp_path, record_checkpoints=4, switch_every=3, dmd2={"gan": False, "ttur": 5})
+    again.to("cpu")
+    again.load_extra_state(state)
+    assert switches(again, 60, start=22) == [(30, 2), (45, 3)]
+    with pytest.raises(UserError, match="switch_unit: generator_updates"):
+        it_form.load_extra_state(state)
+
+
+def _saved(state: dict, tmp_path: Path) -> Path:
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_the_generator_warm_up_against_the_first_switch(tmp_path):
+    from fewstep.methods.disback import generator_warmup_updates
+
+    cfg = lambda **kw: DisBackConfig(**{"dmd2": {"gan": False, **kw}}).dmd2  # noqa: E731
+    assert generator_warmup_updates(cfg(warmup_iterations=20, warmup_unit="updates")) == 20
+    assert generator_warmup_updates(cfg(warmup_iterations=21, warmup_unit="iterations", ttur=5)) == 5
+    with pytest.warns(UserWarning, match="warm-up .20 of its updates. lasts past the first switch .12"):
+        disback(point_teacher(), tmp_path, switch_every=12, dmd2={"gan": False, "warmup_iterations": 20})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        disback(point_teacher(), tmp_path, switch_every=20, dmd2={"gan": False, "warmup_iterations": 20})
+        # the iteration form: 100 iterations at ttur 5 are 20 generator updates
+        disback(point_teacher(), tmp_path, switch_every=100, switch_unit="iterations",
+                dmd2={"gan": False, "warmup_iterations": 20, "ttur": 5})
+
+
+def test_init_generator_starts_from_a_trained_student(tmp_path):
+    from fewstep.student import Student, save_student
+
+    teacher = point_teacher()
+    trained = point_teacher(seed=7)  # the same architecture, other weights: "a trained student"
+    run = tmp_path / "run"
+    run.mkdir()
+    save_student(Student(trained, [999.0]), run / "student")
+    plain = disback(teacher, tmp_path / "paths", dmd2={"gan": False})
+    for source in (run, run / "student.safetensors"):
+        m = disback(teacher, tmp_path / "paths", init_generator=str(source), dmd2={"gan": False})
+        gen = _unwrap(m.players["generator"].module).denoiser
+        assert_same_state(net_state(gen), net_state(trained))
+        assert_same_state(net_state(m.initial_generator), net_state(trained))  # the path is recorded towards it
+        assert m.key != plain.key
+    assert_same_state(net_state(teacher), net_state(point_teacher()))  # the teacher is untouched
+    m.to("cpu")
+    assert states_differ(load_file(str(m.path.file(1))), net_state(teacher))
+    # the wrong architecture or a missing file: one line naming the problem
+    other = tmp_path / "other"
+    other.mkdir()
+    save_student(Student(image_teacher(), [999.0]), other / "student")
+    with pytest.raises(UserError, match="does not fit the generator") as e:
+        disback(teacher, tmp_path / "paths", init_generator=str(other), dmd2={"gan": False})
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="not found"):
+        disback(teacher, tmp_path / "paths", init_generator=str(tmp_path / "nowhere"), dmd2={"gan": False})
 
 
 def test_add_base_swaps_its_distillation_teacher(tmp_path):
@@ -401,7 +485,7 @@ def test_distill_end_to_end(tmp_path, registered):
     grid25_teacher()
     out = tmp_path / "run"
     common = dict(teacher="grid25", method="disback", out=out, batch_size=32, log_every=2, sample_every=0,
-                  checkpoint_every=6, progress=False, record_checkpoints=3, record_every=3, switch_every=4,
+                  checkpoint_every=6, progress=False, record_checkpoints=3, record_every=3, switch_every=2,
                   dmd2={"ttur": 2})
     distill(steps=1, iterations=12, evaluate_n=100, **common)
 
@@ -420,7 +504,8 @@ def test_distill_end_to_end(tmp_path, registered):
     rows = read_metrics(out / "metrics.jsonl")
     gen_rows = [r for r in rows if "generator/score_mismatch" in r]
     assert gen_rows and all("generator/stage" in r for r in gen_rows)
-    # one generator update per logged window (ttur 2, log_every 2); the target moves every 4 iterations
+    # one generator update per logged window (ttur 2, log_every 2); the target moves every 2 generator updates, i.e.
+    # every 4 iterations (the resumed run below counts them across the stop at 6 from the checkpointed counter)
     assert [r["generator/stage"] for r in gen_rows] == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
     report = (out / "report.html").read_text()
     assert "generator/score_mismatch" in report and "generator/stage" in report

@@ -11,7 +11,8 @@ distribution. DisBack gives the generator a path to follow instead of the endpoi
 2. **Distribution backtracking** (:class:`DisBackMethod`): the wrapped method (DMD2, or ADD's score-distillation term)
    runs unchanged, except that its *real score* is a frozen copy of the teacher into which the path's checkpoints are
    loaded in reverse order ``D^(N-1), D^(N-2), ..., D^(0) = teacher`` (:class:`Backtrack`), moving on every
-   ``switch_every`` iterations or when the score mismatch on the current target falls below ``switch_threshold``.
+   ``switch_every`` generator updates (``switch_unit: generator_updates``, the default; or loop iterations) or when
+   the score mismatch on the current target falls below ``switch_threshold``.
    The fake score (where the method has one) starts from ``D^(N)``, which already fits the initial generator; DMD2's
    per-step fake score (``fake_score: per_step``) at every step: ``D^(N)`` goes into its trunk (in place, the
    optimizer's weights) and each step's adapter is reset to zero.
@@ -33,6 +34,17 @@ Choices where the paper and METHODS.md are silent, following the public DisBack 
   checkpoint's own network state into the one frozen target copy, and every stage is reached (tests check both).
 * The wrapped method's teacher object itself is never modified (the run's report and ADD's teacher features use it);
   the weights are swapped in a private copy installed as the method's real score.
+* Switches count the generator's updates by default: with DMD2's TTUR the generator updates every ``ttur``-th
+  iteration, so ``switch_every: N`` generator updates is a switch every ``ttur * N`` iterations (the reference's
+  ``--interval 1000`` counts loop iterations: ``switch_unit: iterations``, 200 generator updates at TTUR 5). The count
+  is the method's own (updates scheduled so far, in ``extra_state``), not derived from the iteration. The generator's
+  learning-rate warm-up is DMD2's ``warmup_iterations`` (in ``warmup_unit``); the method warns when it lasts past the
+  first switch (then the early targets are followed at a reduced rate).
+* ``init_generator``: the generator starts from a trained student's weights (a ``fewstep distill`` run directory or
+  its ``student.safetensors``) instead of the teacher's, as the reference's SDXL scripts start DisBack from a DMD2
+  generator; the path is then recorded towards that student (the path key hashes its weights).
+* The reference also records the GAN head along the path and restores it at each switch; ours trains DMD2's head
+  from scratch (README, "DisBack", says why).
 * The switch schedule is part of the method's checkpointed state (``extra_state``), so a resumed run continues on the
   same target; the threshold test averages the last ``switch_window`` generator updates' mismatch, across processes.
 * Every generator update logs ``score_mismatch`` (measured against the *current* target) and ``stage``.
@@ -157,11 +169,24 @@ class DisBackConfig(BaseModel):
         0, ge=0,
         description="Seed of the recording's draws (apart from loop.seed, so runs with other seeds share the path).")
     switch_every: int | None = Field(
-        60, ge=1,
-        description="Move to the next target (one checkpoint back towards the teacher) every this many iterations "
-                    "(None: only by threshold). Reference code: 1,000. Ours: 60, so a 4-checkpoint path reaches the "
-                    "teacher after 180 iterations: at our scale DMD2 itself moves within a few hundred iterations, and "
-                    "longer stages only delayed it in trials (benchmarks/convergence.py).")
+        12, ge=1,
+        description="Move to the next target (one checkpoint back towards the teacher) every this many switch_units "
+                    "(None: only by threshold). Reference code: 1,000 iterations (200 generator updates at TTUR 5). "
+                    "Ours: 12 generator updates (60 iterations at TTUR 5), so a 4-checkpoint path reaches the teacher "
+                    "after 36 generator updates: at our scale DMD2 itself moves within a few hundred iterations, and "
+                    "longer stages only delayed it in early trials (benchmarks/convergence.py; issue 17 measures "
+                    "longer ones).")
+    switch_unit: Literal["generator_updates", "iterations"] = Field(
+        "generator_updates",
+        description="What switch_every counts: 'generator_updates' (the wrapped method's generator updates, counted "
+                    "by the method and checkpointed: with DMD2's ttur a switch every N updates is one every ttur x N "
+                    "iterations) or loop 'iterations' (the reference code's --interval).")
+    init_generator: str | None = Field(
+        None,
+        description="Start the generator from a trained student instead of the teacher: a `fewstep distill` run "
+                    "directory (its student.safetensors) or a .safetensors file of the generator's network (the "
+                    "teacher's architecture). The path is recorded towards it. The reference's SDXL scripts start "
+                    "DisBack from a trained DMD2 generator; the paper from the untrained one (None).")
     switch_threshold: float | None = Field(
         None, gt=0,
         description="Also move on once the score mismatch on the current target (the generator's logged "
@@ -555,9 +580,10 @@ def record_degradation_path(
 class Backtrack:
     """Which checkpoint is the target: stage ``s = 0 .. N-1`` targets ``D^(N-1-s)``, the last stage the teacher.
 
-    :meth:`advance` is called at the start of every iteration: it moves on by ``every`` iterations since the stage
-    began, or once the mean of the last ``window`` observed mismatches is below ``threshold``; the last stage is kept
-    to the end. Its state (stage, the iteration the stage began, the mismatches in the window) is checkpointed.
+    :meth:`advance` is called at the start of every iteration with the position in the schedule's unit (generator
+    updates done so far, or the iteration): it moves on by ``every`` units since the stage began, or once the mean of
+    the last ``window`` observed mismatches is below ``threshold``; the last stage is kept to the end. Its state
+    (stage, the position the stage began at, the mismatches in the window) is checkpointed.
     """
 
     def __init__(self, checkpoints: int, every: int | None, threshold: float | None = None, window: int = 5) -> None:
@@ -588,16 +614,18 @@ class Backtrack:
         if not self.final and math.isfinite(mismatch):
             self.recent = (self.recent + [float(mismatch)])[-self.window:]
 
-    def advance(self, it: int) -> bool:
-        """Move to the stage iteration ``it`` belongs to; True when the target changed."""
+    def advance(self, pos: int, it: int | None = None) -> bool:
+        """Move to the stage position ``pos`` belongs to (``it``: the iteration, for :attr:`switches`; default
+        ``pos``); True when the target changed."""
+        it = pos if it is None else it
         moved = False
-        if not self.final and self.every is not None and it - self.stage_start >= self.every:
-            k = min((it - self.stage_start) // self.every, self.stages - 1 - self.stage)
+        if not self.final and self.every is not None and pos - self.stage_start >= self.every:
+            k = min((pos - self.stage_start) // self.every, self.stages - 1 - self.stage)
             self._go(self.stage + k, self.stage_start + k * self.every, it)
             moved = True
         if (not self.final and self.threshold is not None and len(self.recent) >= self.window
                 and sum(self.recent) / len(self.recent) < self.threshold):
-            self._go(self.stage + 1, it, it)
+            self._go(self.stage + 1, pos, it)
             moved = True
         return moved
 
@@ -627,6 +655,53 @@ def _mean_over_processes(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def load_generator_weights(generator: Denoiser, source: str | Path) -> Path:
+    """Load a trained student's network weights into ``generator`` (``init_generator``): ``source`` is a `fewstep
+    distill` run directory (its ``student.safetensors``) or a ``.safetensors`` file; strict, one-line errors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..models.lora import load_network_state
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "student.safetensors"
+    elif path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    if not path.is_file():
+        raise UserError(f"init_generator: {path} not found; give a `fewstep distill` run directory (with "
+                        f"student.safetensors) or a .safetensors file of the generator's weights")
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"init_generator: {path} is not a readable safetensors file ({e})") from None
+    try:
+        load_network_state(generator.net, state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise UserError(f"init_generator: {path} does not fit the generator (the teacher's network): {first}; give a "
+                        f"student distilled from this teacher, with a full (not LoRA) generator") from None
+    return path
+
+
+def generator_warmup_updates(base_cfg: Any) -> int:
+    """How many of its own updates the wrapped DMD2's generator warms up for (``warmup_iterations`` counted in
+    ``warmup_unit``: updates, or loop iterations of which every ``ttur``-th is a generator update)."""
+    w = int(base_cfg.warmup_iterations)
+    return w if base_cfg.warmup_unit == "updates" else math.ceil(w / base_cfg.ttur)
+
+
+def _warn_warmup_past_first_switch(cfg: DisBackConfig, base_cfg: Any) -> None:
+    if cfg.base != "dmd2" or cfg.switch_every is None:
+        return
+    stage = cfg.switch_every if cfg.switch_unit == "generator_updates" else cfg.switch_every / base_cfg.ttur
+    warm = generator_warmup_updates(base_cfg)
+    if warm > stage:
+        warnings.warn(f"DisBack: the generator's learning-rate warm-up ({warm} of its updates) lasts past the first "
+                      f"switch ({stage:g} generator updates): the early targets are followed at a reduced rate",
+                      stacklevel=3)
 
 
 def default_path_cache() -> Path:
@@ -659,6 +734,9 @@ class DisBackMethod(Method):
         base_cfg = cfg.base_config()
         self.base: Method = self.spec.method_cls()(teacher, base_cfg)
         self.teacher = teacher.eval().requires_grad_(False)
+        if cfg.init_generator is not None:  # before the snapshot below: the path is recorded towards this student
+            load_generator_weights(_unwrap(self.base.players[self.spec.generator_player].module).denoiser,
+                                   cfg.init_generator)
         # the one frozen copy the checkpoints are loaded into, installed as the wrapped method's real score
         self.target: Denoiser = copy.deepcopy(teacher).eval().requires_grad_(False)
         setattr(self.base, self.spec.real_attr, self.target)
@@ -667,6 +745,8 @@ class DisBackMethod(Method):
         self.players = self.base.players
         self.timesteps = self.base.timesteps
         self.backtrack = Backtrack(cfg.record_checkpoints, cfg.switch_every, cfg.switch_threshold, cfg.switch_window)
+        self.generator_updates = 0  # the generator updates scheduled so far (switch_unit generator_updates)
+        _warn_warmup_past_first_switch(cfg, base_cfg)
         lr = cfg.record_lr if cfg.record_lr is not None else float(self.spec.record_lr(base_cfg))
         precision = cfg.record_mixed_precision or ("bf16" if cfg.loop.mixed_precision == "bf16" else "no")
         checkpointing = (cfg.loop.gradient_checkpointing if cfg.record_gradient_checkpointing is None
@@ -749,9 +829,19 @@ class DisBackMethod(Method):
         return self
 
     def updates(self, it: int) -> list[str]:
-        self.backtrack.advance(it)
+        """The wrapped method's updates, after moving the target: by iteration, or (``generator_updates``) at the
+        iterations where the generator updates, by the number of its updates before this one (so with TTUR 5 a
+        switch every N generator updates happens at iteration 5N, on the update that first uses the new target)."""
+        players = self.base.updates(it)
+        generator = self.spec.generator_player in players
+        if self.cfg.switch_unit == "iterations":
+            self.backtrack.advance(it, it)
+        elif generator:
+            self.backtrack.advance(self.generator_updates, it)
+        if generator:
+            self.generator_updates += 1
         self._sync_target()
-        return self.base.updates(it)
+        return players
 
     def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, Any]]:
         self._sync_target()
@@ -770,7 +860,9 @@ class DisBackMethod(Method):
         return self.base.inference_model()
 
     def extra_state(self) -> dict[str, Any]:
-        return {"base": self.base.extra_state(), "disback": {**self.backtrack.state_dict(), "path_key": self.key}}
+        return {"base": self.base.extra_state(),
+                "disback": {**self.backtrack.state_dict(), "path_key": self.key,
+                            "generator_updates": self.generator_updates, "switch_unit": self.cfg.switch_unit}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.base.load_extra_state(state.get("base", {}))
@@ -780,7 +872,12 @@ class DisBackMethod(Method):
                 raise UserError(f"the checkpoint was trained along degradation path {saved.get('path_key')}, but this "
                                 f"run's teacher, initial generator and recording settings give {self.key}; resume "
                                 f"with the config it was made with")
+            unit = saved.get("switch_unit", "iterations")  # checkpoints before switch_unit counted iterations
+            if unit != self.cfg.switch_unit:
+                raise UserError(f"the checkpoint's DisBack schedule counts {unit}, this config's switch_unit is "
+                                f"{self.cfg.switch_unit}; resume with switch_unit: {unit}")
             self.backtrack.load_state_dict(saved)
+            self.generator_updates = int(saved.get("generator_updates", 0))
             self._loaded = None
             if self.path is not None:
                 self._sync_target()
@@ -794,6 +891,8 @@ __all__ = [
     "Backtrack",
     "DegradationPath",
     "RecordSettings",
+    "generator_warmup_updates",
+    "load_generator_weights",
     "path_key",
     "state_hash",
     "record_degradation_path",
