@@ -10,15 +10,39 @@ teacher's encoder as the feature network (``*_teacher_features``; on digits the 
 reads). Each distillation run uses the shipped config for its data (configs/add_<data>.yaml), so the budget is the
 same for every variant. Writes
 benchmarks/results/add.json and prints the README table.
+
+The lambda sweep (issue 17): ``python benchmarks/add.py sweep --data digits grid25 --seeds 0 1 2``
+
+* For each reduction of L_distill (``distill_reduction`` ``sum``: the paper's ||x - y||^2; ``mean``: 1/D of it) a
+  calibration run (``--calibration-iterations``, seed 0, the config's lambda) measures the logged gradient ratio
+  ``generator/grad_ratio`` = lambda ||dL_distill/dx|| / ||dL_adv/dx||, the mean of its rows in the run's second half;
+  the ratio is linear in lambda at a fixed state, so lambda = r * lambda_0 / ratio_0 aims at ratio r, for each r of
+  ``--ratios`` (0.1 0.3 1 3). ``--lambdas-sum`` / ``--lambdas-mean`` give the lambdas instead (no calibration).
+* Every (reduction, lambda) trains 1-step ADD over ``--seeds``, with a feature network FID does not read (digits:
+  ``feature_network: teacher``, the teacher's encoder; grid25: the config's, a random MLP, and grid25 is measured by
+  sliced W); each row keeps the ratio and cosine the run itself logged (mean over its rows).
+* The default: the (reduction, lambda) with the best mean rank over the data sets (lower FID / sliced W), or
+  ``--default sum:2.5``. The ablation at it: adversarial only (``distill_weight: 0``) and distillation only
+  (``adversarial: false``), same seeds; ``meta.ablation`` gives, per data set, full's margin over each in units of
+  the std of the difference (sqrt(std_a^2 + std_b^2)); more than 2 counts as beating it.
+
+Writes benchmarks/results/add_sweep.json (``--name`` another) and prints its tables.
 """
 from __future__ import annotations
 
+import argparse
+import math
+import shutil
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import method_benchmark  # noqa: E402
+from common import ROOT, average, fmt, markdown_table, meta, method_benchmark, write_results  # noqa: E402
 
 VARIANTS = {  # name: (steps, config overrides)
     "full": (1, {}),
@@ -32,5 +56,163 @@ VARIANTS = {  # name: (steps, config overrides)
 }
 
 
+METRIC = {"digits": "fid", "grid25": "sliced_w"}  # lower is better
+RATIOS = (0.1, 0.3, 1.0, 3.0)
+
+
+def sweep_overrides(data: str) -> dict[str, Any]:
+    """The sweep's feature network: on digits the teacher's encoder (the default there is the classifier FID reads)."""
+    return {"feature_network": "teacher"} if data == "digits" else {}
+
+
+def logged(run_dir: Path, second_half: bool = False) -> dict[str, float | None]:
+    """The mean ``generator/grad_ratio`` and ``generator/grad_cos`` of a run's metrics rows (or of its second half)."""
+    from fewstep.train import read_metrics
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "generator/grad_ratio" in r]
+    if second_half and rows:
+        rows = [r for r in rows if r["it"] > rows[-1]["it"] / 2] or rows[-1:]
+    mean = lambda k: statistics.fmean(r[k] for r in rows) if rows else None  # noqa: E731
+    return {"grad_ratio": mean("generator/grad_ratio"), "grad_cos": mean("generator/grad_cos")}
+
+
+def run(data: str, work: Path, name: str, seed: int, iterations: int | None, n: int | None,
+        **overrides: Any) -> tuple[dict[str, Any], Path]:
+    """One 1-step ADD run with the shipped config and ``overrides``; its evaluation (None: not evaluated)."""
+    from fewstep.api import evaluate
+    from fewstep.distillation import distill
+
+    config = ROOT / "configs" / f"add_{data}.yaml"
+    out = work / f"{data}-{name}-{seed}"
+    start = time.perf_counter()
+    student = distill(data, "add", steps=1, out=out, config=config, seed=seed, iterations=iterations,
+                      progress=False, evaluate_n=0, **overrides)
+    row = {"iterations": student.info["meta"]["iterations"], "wall_seconds": round(time.perf_counter() - start, 2)}
+    if n:
+        row.update(evaluate(student, n=n, seed=seed))
+    return row, out
+
+
+def calibrate(data: str, reduction: str, work: Path, iterations: int, ratios: Iterable[float]) -> dict[str, Any]:
+    """lambda for each target ratio from one short run at the config's lambda (see the module docstring)."""
+    from fewstep.config import load_config
+    from fewstep.methods.add import ADDConfig
+
+    lam0 = load_config(ROOT / "configs" / f"add_{data}.yaml", ADDConfig).distill_weight
+    _, out = run(data, work, f"calibrate-{reduction}", 0, iterations, None, distill_reduction=reduction,
+                 distill_weight=lam0, **sweep_overrides(data))
+    ratio0 = logged(out, second_half=True)["grad_ratio"]
+    if not ratio0:
+        raise SystemExit(f"{data} {reduction}: the calibration run logged no generator/grad_ratio; give more "
+                         f"--calibration-iterations (at least loop.log_every) or --lambdas-{reduction}")
+    lambdas = [r * lam0 / ratio0 for r in ratios]
+    print(f"{data} {reduction}: lambda {lam0:g} gives ratio {ratio0:.4g} after {iterations} iterations -> lambdas "
+          + ", ".join(f"{lam:.4g} (ratio {r:g})" for lam, r in zip(lambdas, ratios)), flush=True)
+    return {"lambda": lam0, "iterations": iterations, "grad_ratio": ratio0, "lambdas": lambdas}
+
+
+def significance(full: dict[str, Any], other: dict[str, Any], key: str) -> dict[str, Any]:
+    """Full's margin over ``other`` (lower is better) in units of the difference's std."""
+    margin = other[key] - full[key]
+    std = math.sqrt(full.get(f"{key}_std", 0.0) ** 2 + other.get(f"{key}_std", 0.0) ** 2)
+    z = margin / std if std > 0 else None
+    return {"margin": margin, "std_of_difference": std, "margin_in_std": z, "beats_by_2_std": z is not None and z > 2}
+
+
+def sweep(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description="ADD's lambda sweep and its ablation (see benchmarks/add.py)")
+    p.add_argument("--data", nargs="+", default=["digits", "grid25"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--reductions", nargs="+", default=["sum", "mean"], choices=["sum", "mean"])
+    p.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS),
+                   help="gradient ratios lambda ||dL_distill/dx|| / ||dL_adv/dx|| the lambdas aim at")
+    p.add_argument("--lambdas-sum", nargs="+", type=float, default=None, help="the sum lambdas (no calibration)")
+    p.add_argument("--lambdas-mean", nargs="+", type=float, default=None, help="the mean lambdas (no calibration)")
+    p.add_argument("--calibration-iterations", type=int, default=200)
+    p.add_argument("--default", default=None, help="REDUCTION:LAMBDA for the ablation (default: the sweep's best)")
+    p.add_argument("--n", type=int, default=2000, help="evaluation samples")
+    p.add_argument("--iterations", type=int, default=None, help="override the configs' iterations (quick runs)")
+    p.add_argument("--name", default="add_sweep", help="results file benchmarks/results/<name>.json")
+    a = p.parse_args(argv)
+
+    rows: list[dict[str, Any]] = []
+    calibration: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="fewstep-add-sweep-"))
+
+    def measure(data: str, variant: str, **overrides: Any) -> dict[str, Any]:
+        per_seed = []
+        for seed in a.seeds:
+            row, out = run(data, work, variant, seed, a.iterations, a.n, **sweep_overrides(data), **overrides)
+            per_seed.append({"data": data, "method": "add", "variant": variant, "steps": 1,
+                             "distill_reduction": overrides.get("distill_reduction"),
+                             "distill_weight": overrides.get("distill_weight"), **row, **logged(out)})
+        rows.append(average(per_seed))
+        r = rows[-1]
+        print(f"  {data:>7} {variant:<28} {METRIC[data]} {fmt(r[METRIC[data]], r.get(METRIC[data] + '_std'))}  "
+              f"ratio {fmt(r.get('grad_ratio'))} cos {fmt(r.get('grad_cos'))}", flush=True)
+        return r
+
+    try:
+        sweep_rows: dict[str, list[dict[str, Any]]] = {}
+        for data in a.data:
+            calibration[data] = {}
+            for reduction in a.reductions:
+                given = getattr(a, f"lambdas_{reduction}")
+                if given is None:
+                    calibration[data][reduction] = calibrate(data, reduction, work, a.calibration_iterations,
+                                                             a.ratios)
+                    lambdas, aims = calibration[data][reduction]["lambdas"], a.ratios
+                else:
+                    lambdas, aims = given, [None] * len(given)
+                for lam, aim in zip(lambdas, aims):
+                    r = measure(data, f"{reduction}-lambda{lam:.4g}", distill_reduction=reduction,
+                                distill_weight=lam)
+                    r["target_ratio"] = aim
+                    sweep_rows.setdefault(f"{reduction}:{lam:.6g}", []).append(r)
+        if a.default is not None:
+            reduction, lam = a.default.split(":")
+            chosen, why = (reduction, float(lam)), "given with --default"
+        else:  # the best mean rank over the data sets, among the settings run on every data set
+            complete = {k: v for k, v in sweep_rows.items() if len(v) == len(a.data)}
+            rank = {k: 0.0 for k in complete}
+            for data in a.data:
+                order = sorted(complete, key=lambda k: next(r for r in complete[k] if r["data"] == data)[METRIC[data]])
+                for i, k in enumerate(order):
+                    rank[k] += i / len(a.data)
+            best = min(rank, key=rank.get)
+            reduction, lam = best.split(":")
+            chosen, why = (reduction, float(lam)), f"best mean rank over {a.data} ({rank[best]:.2f})"
+        print(f"default: distill_reduction {chosen[0]}, lambda {chosen[1]:.4g} ({why})", flush=True)
+        ablation: dict[str, Any] = {}
+        for data in a.data:
+            full = next((r for r in rows if r["data"] == data and r["distill_reduction"] == chosen[0]
+                         and r["distill_weight"] is not None and math.isclose(r["distill_weight"], chosen[1],
+                                                                               rel_tol=1e-4)), None)
+            if full is None:
+                full = measure(data, f"{chosen[0]}-lambda{chosen[1]:.4g}", distill_reduction=chosen[0],
+                               distill_weight=chosen[1])
+            adv = measure(data, "adv_only", distill_reduction=chosen[0], distill_weight=0.0)
+            dist = measure(data, "distill_only", distill_reduction=chosen[0], distill_weight=chosen[1],
+                           adversarial=False)
+            key = METRIC[data]
+            ablation[data] = {"metric": key, "full": full["variant"], "full_grad_ratio": full.get("grad_ratio"),
+                              "vs_adv_only": significance(full, adv, key),
+                              "vs_distill_only": significance(full, dist, key)}
+            print(f"{data}: {ablation[data]}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    path = write_results(a.name, meta(a.seeds, n=a.n, iterations=a.iterations, calibration=calibration,
+                                      default={"distill_reduction": chosen[0], "distill_weight": chosen[1],
+                                               "why": why}, ablation=ablation), rows)
+    for data in a.data:
+        sub = [r for r in rows if r["data"] == data]
+        print(f"\n### {data}\n" + markdown_table(sub, ["variant", "distill_weight", "target_ratio", "grad_ratio",
+                                                        "grad_cos", METRIC[data], "wall_seconds"]))
+    print(f"\nwrote {path}")
+
+
 if __name__ == "__main__":
-    method_benchmark("add", VARIANTS, __doc__)
+    if sys.argv[1:2] == ["sweep"]:
+        sweep(sys.argv[2:])
+    else:
+        method_benchmark("add", VARIANTS, __doc__)
