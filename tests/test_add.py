@@ -710,6 +710,28 @@ def test_distill_end_to_end_grid25(tmp_path, with_add):
         assert st.timesteps.tolist() == [999.0, 499.0]
 
 
+def test_a_resumed_run_logging_the_gradient_ratio_equals_the_uninterrupted_one(tmp_path, with_add):
+    from safetensors.torch import load_file
+
+    from fewstep.train import read_metrics
+
+    common = dict(teacher="grid25", method="add", steps=1, batch_size=32, log_every=2, sample_every=0,
+                  checkpoint_every=4, progress=False, evaluate_n=0, distill_reduction="sum")
+    from fewstep import zoo
+
+    if not zoo.zoo_path("grid25").with_suffix(".safetensors").is_file():
+        pytest.skip("the embedded grid25 teacher is not built")
+    with_add(out=tmp_path / "a", iterations=8, **common)
+    with_add(out=tmp_path / "b", iterations=4, **common)
+    with_add(out=tmp_path / "b", iterations=8, resume=True, **common)
+    a, b = load_file(str(tmp_path / "a" / "student.safetensors")), load_file(str(tmp_path / "b" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [strip(r) for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [strip(r) for r in rows]
+    assert all("generator/grad_ratio" in r for r in rows)
+
+
 def test_distill_end_to_end_tiny_image_teacher(tmp_path, with_add):
     from safetensors.torch import load_file
 
