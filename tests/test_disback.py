@@ -28,6 +28,7 @@ from fewstep.methods.disback import (
     open_degradation_path,
     path_key,
     record_degradation_path,
+    state_hash,
 )
 from fewstep.methods.dmd2 import _unwrap
 from tiny import image_teacher, point_teacher
@@ -539,6 +540,27 @@ def test_distill_shares_a_path_cache(tmp_path, registered):
     second = json.loads((tmp_path / "b" / "degradation_path.json").read_text())
     assert first["recorded_by_this_run"] and not second["recorded_by_this_run"]
     assert first["dir"] == second["dir"]
+
+
+def test_distill_from_a_dmd2_run_directory(tmp_path, registered):
+    from fewstep.distillation import distill
+    from fewstep.train import read_metrics
+
+    grid25_teacher()
+    small = dict(teacher="grid25", batch_size=16, iterations=2, log_every=1, sample_every=0, progress=False,
+                 evaluate_n=0)
+    distill(method="dmd2", out=tmp_path / "dmd2", **small)
+    out = tmp_path / "disback"
+    distill(method="disback", out=out, record_checkpoints=2, record_every=2, init_generator=str(tmp_path / "dmd2"),
+            **small)
+    pointer = json.loads((out / "degradation_path.json").read_text())
+    path = json.loads((Path(pointer["dir"]) / "path.json").read_text())
+    trained = load_file(str(tmp_path / "dmd2" / "student.safetensors"))
+    assert path["generator_sha256"] == state_hash(trained)  # the path was recorded towards the DMD2 student
+    assert read_metrics(out / "metrics.jsonl")
+    with pytest.raises(UserError, match="init_generator: .* does not fit the generator"):  # a digits student
+        distill(method="disback", out=tmp_path / "bad", record_checkpoints=2, record_every=2,
+                init_generator=str(tmp_path / "dmd2"), **{**small, "teacher": "digits"})
 
 
 def test_a_text_to_image_recording_uses_the_data_prompts_with_dropout_in_bf16(tmp_path, monkeypatch):
