@@ -28,9 +28,10 @@ curve is the first ``budget`` iterations of that same run: DMD2's training does 
 
 The target (the DisBack paper's claim at our scale), per data set and start: Q = DMD2's final quality, the mean of its
 curve's last 3 points (one evaluation is noisy once a curve has flattened), per seed (the reported Q is their mean).
-Each run's iterations to *first* reach its seed's Q (DisBack's including its recording) are measured per seed; the target is met when DisBack's mean is at most
-60% of DMD2's (every seed reaching Q) and DisBack's final quality is no worse than DMD2's. The same first-reach
-iterations are given for levels above Q (``--levels``, multiples of Q) for the whole curve. ``meta.target`` holds them.
+Each run's iterations to *first* reach its seed's Q (DisBack's including its recording) are measured per seed; the
+target is met when DisBack's mean is at most 60% of DMD2's (every seed reaching Q) and DisBack's final quality is no
+worse than DMD2's. The same first-reach iterations are given for levels above Q (``--levels``, multiples of Q) for
+the whole curve. ``meta.target`` holds them.
 
 Writes benchmarks/results/convergence.json and benchmarks/results/convergence.png (``--name`` other files).
 """

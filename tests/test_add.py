@@ -724,7 +724,7 @@ def test_a_resumed_run_logging_the_gradient_ratio_equals_the_uninterrupted_one(t
     with_add(out=tmp_path / "a", iterations=8, **common)
     with_add(out=tmp_path / "b", iterations=4, **common)
     with_add(out=tmp_path / "b", iterations=8, resume=True, **common)
-    a, b = load_file(str(tmp_path / "a" / "student.safetensors")), load_file(str(tmp_path / "b" / "student.safetensors"))
+    a, b = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
