@@ -210,6 +210,7 @@ def test_the_generator_logs_the_gradient_ratio_when_due_without_changing_the_ste
     assert_close(stats_sum["grad_norm_adv"], stats["grad_norm_adv"])
     assert_close(stats_sum["grad_ratio"], 2 * stats["grad_ratio"])
     assert_close(stats_sum["grad_cos"], stats["grad_cos"])
+    assert not add(teacher, data="grid25", loop={**loop, "fsdp": True}).ratio_due(3)
     # one term only: no ratio
     for ablation in ({"distill_weight": 0.0}, {"adversarial": False}):
         assert not add(teacher, data="grid25", loop=loop, **ablation).ratio_due(3)

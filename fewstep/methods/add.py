@@ -37,7 +37,7 @@ are in the config's help texts):
 * Every ``log_every`` iterations (and the last) the generator logs the two terms' gradients on the student output
   ``x_hat`` (:func:`gradient_ratio`): ``grad_ratio = lambda ||dL_distill/dx_hat|| / ||dL_adv/dx_hat||`` and
   ``grad_cos``, their cosine. ``torch.autograd.grad`` with ``retain_graph``: no parameter gradient, no random draw,
-  so the run's result is the same with or without it.
+  so the run's result is the same with or without it (not measured under ``loop.fsdp``).
 * The discriminator updates first, then the student, every iteration (1:1); both use AdamW with betas (0, 0.99).
 * An EMA of the student (0.99) is what is saved and sampled: it averaged out the GAN's oscillations (FID ~1.7 -> ~1.25).
 * The heads learn at 10x the student's rate; a student learning rate of 3e-4 (instead of 1e-4) doubled the FID.
@@ -466,9 +466,10 @@ class ADDMethod(Method):
 
     def ratio_due(self, it: int) -> bool:
         """Whether iteration ``it`` logs the two terms' gradient ratio (both terms on; every ``log_every``-th
-        iteration, the rows the loop logs, and the last)."""
+        iteration, the rows the loop logs, and the last). Not under ``loop.fsdp``: a gradient taken on a sharded
+        module's output would run FSDP's backward hooks ahead of the step's own backward (untested there)."""
         loop = self.cfg.loop
-        return (self.cfg.adversarial and self.cfg.distill_weight > 0 and it >= 0
+        return (self.cfg.adversarial and self.cfg.distill_weight > 0 and it >= 0 and not loop.fsdp
                 and ((it + 1) % loop.log_every == 0 or it + 1 == loop.iterations))
 
     def _generator_loss(self, batch: Batch, it: int = -1) -> tuple[Tensor, dict[str, Any]]:
