@@ -580,8 +580,8 @@ def record_degradation_path(
 class Backtrack:
     """Which checkpoint is the target: stage ``s = 0 .. N-1`` targets ``D^(N-1-s)``, the last stage the teacher.
 
-    :meth:`advance` is called at the start of every iteration with the position in the schedule's unit (generator
-    updates done so far, or the iteration): it moves on by ``every`` units since the stage began, or once the mean of
+    :meth:`advance` is called at the start of an iteration with the position in the schedule's unit (every iteration
+    with the iteration; every generator iteration with the generator updates before it): it moves on by ``every`` units since the stage began, or once the mean of
     the last ``window`` observed mismatches is below ``threshold``; the last stage is kept to the end. Its state
     (stage, the position the stage began at, the mismatches in the window) is checkpointed.
     """
