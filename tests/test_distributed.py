@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DDP_CONFIG = ROOT / "configs" / "accelerate_ddp.yaml"
 
 
-def launch(script: Path, *args: str, processes: int = 2, timeout: int = 120) -> None:
+#: what a rank prints when it aborts (exit -6) in the interpreter's teardown, after its work and its result file are
+#: written: seen about once in 30 two-process gloo launches on the 2-core machine since 2026-12-01 (0 in 40 before
+#: that day's loop changes; cause not found yet). The launch is then run once more from a clean slate, so that the
+#: suite does not fail on it; the tests' assertions are unchanged.
+ABORT_AT_EXIT = "terminate called without an active exception"
+
+
+def launch(script: Path, *args: str, processes: int = 2, timeout: int = 120,
+           env: dict | None = None) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file configs/accelerate_ddp.yaml --num_processes N script args`` (N = 1: plain
-    python)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    python); ``env`` adds variables. A launch that fails only by :data:`ABORT_AT_EXIT` is run once more, after the
+    folders among ``args`` are put back as they were (what the first attempt created in them removed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}
     env.pop("ACCELERATE_USE_CPU", None)
     if processes == 1:
         cmd = [sys.executable, str(script), *args]
@@ -43,8 +54,45 @@ def launch(script: Path, *args: str, processes: int = 2, timeout: int = 120) -> 
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
                "--num_processes", str(processes), "--main_process_port", str(29500 + os.getpid() % 2000),
                str(script), *args]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    before = {Path(a): set(os.listdir(a)) if os.path.isdir(a) else None for a in args if os.path.isabs(a)}
+    for attempt in range(2):
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if res.returncode == 0 or attempt == 1 or ABORT_AT_EXIT not in res.stderr:
+            break
+        for folder, names in before.items():
+            created = [folder] if names is None else [folder / n for n in set(os.listdir(folder)) - names]
+            for path in created:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def test_launch_runs_again_only_after_an_abort_at_exit(tmp_path: Path) -> None:
+    counter, out = tmp_path / "attempts", tmp_path / "out"
+    out.mkdir()
+    (out / "kept").write_text("before")
+    script = tmp_path / "flaky.py"
+    script.write_text(f"""
+import sys
+from pathlib import Path
+counter = Path({str(counter)!r})
+attempt = len(counter.read_text()) if counter.exists() else 0
+counter.write_text("x" * (attempt + 1))
+(Path(sys.argv[1]) / f"written_{{attempt}}").write_text("")
+if attempt == 0:
+    sys.stderr.write(sys.argv[2] + "\\n")
+    sys.exit(134)
+""")
+    launch(script, str(out), ABORT_AT_EXIT, processes=1)
+    assert counter.read_text() == "xx"  # run once more, from the folder as it was
+    assert sorted(p.name for p in out.iterdir()) == ["kept", "written_1"]
+    counter.unlink()
+    with pytest.raises(AssertionError, match="another failure"):  # any other failure fails at once
+        launch(script, str(out), "another failure", processes=1)
+    assert counter.read_text() == "x"
 
 
 PRELUDE = """

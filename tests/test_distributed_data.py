@@ -7,17 +7,13 @@ many images and captions it encoded.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import hf_tiny
+from test_distributed import launch
 
-ROOT = Path(__file__).resolve().parents[1]
-DDP_CONFIG = ROOT / "configs" / "accelerate_ddp.yaml"
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 SCRIPT = """
@@ -46,16 +42,10 @@ def test_main_process_prepares_the_cache_and_prints_once(tmp_path: Path) -> None
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     cache = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-           "XDG_CACHE_HOME": str(cache)}
-    env.pop("ACCELERATE_USE_CPU", None)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes",
-           "2", "--main_process_port", str(29500 + (os.getpid() + 7) % 2000), str(script), str(tmp_path),
-           "distill", "--method", "dmd2", "--teacher", str(tmp_path / "sd"), "--data", str(images), "--steps", "1",
-           "--iterations", "2", "--batch-size", "2", "--out", str(out)]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    res = launch(script, str(tmp_path), "distill", "--method", "dmd2", "--teacher", str(tmp_path / "sd"), "--data",
+                 str(images), "--steps", "1", "--iterations", "2", "--batch-size", "2", "--out", str(out),
+                 timeout=300, env={"XDG_CACHE_HOME": str(cache)})
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["rc"] == r1["rc"] == 0
     captions = json.loads(json.dumps(sorted(p.read_text() for p in images.glob("*.txt"))))
