@@ -144,11 +144,14 @@ def benchmark_parser(doc: str, variants: Iterable[str]) -> Any:
     return p
 
 
-def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]], doc: str) -> None:
+def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]], doc: str,
+                     extra_rows: Any = None) -> None:
     """The command line of a method's benchmark: the teacher at ``TEACHER_SETTINGS``, then every variant
     (``name: (steps, config overrides)``; a name ending in ``-<k>step`` is reported as the variant before it)
     distilled with the shipped config ``configs/<method>_<data>.yaml`` and evaluated; writes
-    ``results/<method>.json`` and prints the README tables."""
+    ``results/<method>.json`` and prints the README tables. ``extra_rows(student, row, data, n, seed)`` (optional)
+    returns more rows of one seed's run (e.g. one per step of a k-step student); each position is averaged over the
+    seeds like the variant's own row and listed after it."""
     import shutil
     import tempfile
     import time
@@ -166,7 +169,7 @@ def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]
             config = ROOT / "configs" / f"{method}_{data}.yaml"
             for variant in a.variants:
                 steps, overrides = variants[variant]
-                per_seed = []
+                per_seed, extra = [], []
                 for seed in a.seeds:
                     start = time.perf_counter()
                     student = distill(data, method, steps=steps, out=work / f"{data}-{variant}-{seed}",
@@ -177,8 +180,13 @@ def method_benchmark(method: str, variants: dict[str, tuple[int, dict[str, Any]]
                                      if variant.endswith("step") else variant, "steps": steps,
                                      **evaluate(student, n=a.n, seed=seed),
                                      "iterations": student.info["meta"]["iterations"], "wall_seconds": wall})
+                    if extra_rows is not None:
+                        extra.append(extra_rows(student, per_seed[-1], data, a.n, seed))
                 rows.append(average(per_seed))
                 print(row_line(rows[-1]), flush=True)
+                for i in range(len(extra[0]) if extra else 0):
+                    rows.append(average([seed_rows[i] for seed_rows in extra]))
+                    print(row_line({**rows[-1], "nfe": rows[-1]["nfe"] or "-"}), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     path = write_results(method, meta(a.seeds, n=a.n), rows)

@@ -16,16 +16,12 @@ benchmarks/results/dmd2.json and prints the README tables.
 """
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (ROOT, average, benchmark_parser, meta, print_tables, row_line, teacher_rows,  # noqa: E402
-                    write_results)
+from common import method_benchmark  # noqa: E402
 
 VARIANTS = {  # name: (steps, config overrides); "<variant>-<k>step" is reported as <variant> with steps k
     "full": (1, {}),
@@ -62,48 +58,22 @@ def pooled_metrics(student, data: str, n: int, seed: int) -> dict:
     return {**evaluate_samples(x, test, labels=None if labels is None else labels.repeat(k)), "nfe": None}
 
 
-def main() -> None:
+def per_step_rows(student, row: dict, data: str, n: int, seed: int) -> list[dict]:
+    """One seed's rows for each step of a k-step student (``<variant>@step<i>``; nfe: the i steps its step-i output
+    took) and for all steps pooled (``<variant>@pooled``); none for a 1-step student."""
     from fewstep.api import evaluate
-    from fewstep.distillation import distill
 
-    a = benchmark_parser(__doc__, VARIANTS).parse_args()
-    rows = []
-    work = Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
-    try:
-        for data in a.data:
-            rows.extend(teacher_rows(data, a.seeds, a.n))
-            config = ROOT / "configs" / f"dmd2_{data}.yaml"
-            for variant in a.variants:
-                steps, overrides = VARIANTS[variant]
-                name = variant.rsplit("-", 1)[0] if variant.endswith("step") else variant
-                per_seed, per_step = [], []
-                for seed in a.seeds:
-                    start = time.perf_counter()
-                    student = distill(data, "dmd2", steps=steps, out=work / f"{data}-{variant}-{seed}",
-                                      config=config if config.exists() else None, seed=seed,
-                                      iterations=a.iterations, progress=False, evaluate_n=0, **overrides)
-                    wall = time.perf_counter() - start
-                    common = {"data": data, "method": "dmd2", "steps": steps,
-                              "iterations": student.info["meta"]["iterations"]}
-                    per_seed.append({**common, "variant": name, **evaluate(student, n=a.n, seed=seed),
-                                     "wall_seconds": wall})
-                    if steps > 1:
-                        # steps: the student's k; nfe: the i steps its step-i output took
-                        per_step.append([{**evaluate(s, n=a.n, seed=seed), **common,
-                                          "variant": f"{name}@step{i + 1}", "wall_seconds": None}
-                                         for i, s in enumerate(step_students(student))]
-                                        + [{**pooled_metrics(student, data, a.n, seed), **common,
-                                            "variant": f"{name}@pooled", "wall_seconds": None}])
-                rows.append(average(per_seed))
-                print(row_line(rows[-1]), flush=True)
-                for i in range(steps + 1 if steps > 1 else 0):  # each step, then the pooled outputs
-                    rows.append(average([seed_rows[i] for seed_rows in per_step]))
-                    print(row_line({**rows[-1], "nfe": rows[-1]["nfe"] or "-"}), flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    path = write_results("dmd2", meta(a.seeds, n=a.n), rows)
-    print_tables(rows, a.data)
-    print(f"\nwrote {path}")
+    if student.steps == 1:
+        return []
+    common = {k: row[k] for k in ("data", "method", "steps", "iterations")}
+    return ([{**evaluate(s, n=n, seed=seed), **common, "variant": f"{row['variant']}@step{i + 1}",
+              "wall_seconds": None} for i, s in enumerate(step_students(student))]
+            + [{**pooled_metrics(student, data, n, seed), **common, "variant": f"{row['variant']}@pooled",
+                "wall_seconds": None}])
+
+
+def main() -> None:
+    method_benchmark("dmd2", VARIANTS, __doc__, extra_rows=per_step_rows)
 
 
 if __name__ == "__main__":
