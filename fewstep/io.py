@@ -37,14 +37,20 @@ def write_error(path: str | os.PathLike, e: OSError) -> UserError:
                      "from its last checkpoint with --resume)")
 
 
+def _nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` made absolute, or its nearest parent that exists."""
+    existing = Path(os.path.abspath(path))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def check_writable(folder: str | os.PathLike, flag: str = "--out") -> Path:
     """Refuse up front, in one line, an output ``folder`` where nothing can be written: one below a file, or in a
     read-only or full place (a probe file is created and removed in the nearest folder that exists; nothing else
     is created). Returns ``folder``."""
     folder = Path(folder)
-    existing = Path(os.path.abspath(folder))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}")
     try:
@@ -100,10 +106,7 @@ def tensor_bytes(obj: Any) -> int:
 
 def free_bytes(folder: str | os.PathLike) -> int:
     """Free bytes for an unprivileged user on the file system of ``folder`` (or of its nearest existing parent)."""
-    existing = Path(os.path.abspath(folder))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return shutil.disk_usage(existing).free
+    return shutil.disk_usage(_nearest_existing(folder)).free
 
 
 def with_margin(nbytes: int) -> int:
