@@ -50,10 +50,18 @@ def write_results(name: str, meta_: dict[str, Any], rows: list[dict[str, Any]], 
     recorded under ``meta.earlier``), so runs per data set or per variant add up to one result.
 
     A row is identified by its data, method, variant and steps; a re-measured row takes the old one's place. With
-    ``by_data`` (curves: many rows per variant) every old row of a data set this run measured is dropped."""
-    import json
+    ``by_data`` (curves: many rows per variant) every old row of a data set this run measured is dropped. Runs in
+    parallel (one variant each) take turns through a lock file, so none loses another's rows."""
+    import fcntl
 
-    path = RESULTS / f"{name}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge_results(RESULTS / f"{name}.json", meta_, rows, by_data)
+
+
+def _merge_results(path: Path, meta_: dict[str, Any], rows: list[dict[str, Any]], by_data: bool) -> Path:
+    import json
 
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("data"),) if by_data else (r.get("data"), r.get("method"), r.get("variant"), r.get("steps"))

@@ -47,15 +47,14 @@ def pooled_metrics(student, data: str, n: int, seed: int) -> dict:
     so the row compares with the per-step ones (the mixture a shared fake score matches)."""
     import torch
 
-    from fewstep.data import load_data
-    from fewstep.eval import evaluate_samples
+    from fewstep.eval.evaluate import evaluate_against
 
     k, m = student.steps, n // student.steps
     labels = torch.arange(m) % student.num_classes if student.num_classes > 0 else None
     x = torch.cat([s.sample(m, labels=labels, seed=seed) for s in step_students(student)])
     shape = student.sample_shape
-    test = load_data(data, "test", resolution=shape[-1] if len(shape) == 3 else None)
-    return {**evaluate_samples(x, test, labels=None if labels is None else labels.repeat(k)), "nfe": None}
+    return {**evaluate_against(x, data, None if labels is None else labels.repeat(k),
+                               resolution=shape[-1] if len(shape) == 3 else None), "nfe": None}
 
 
 def per_step_rows(student, row: dict, data: str, n: int, seed: int) -> list[dict]:

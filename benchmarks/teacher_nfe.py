@@ -21,7 +21,7 @@ from common import RESULTS, average, markdown_table, meta, write_results  # noqa
 from fewstep import generate, load_teacher  # noqa: E402
 from fewstep.data import load_data  # noqa: E402
 from fewstep.diffusion.samplers import SAMPLERS  # noqa: E402
-from fewstep.eval.evaluate import evaluate_samples  # noqa: E402
+from fewstep.eval.evaluate import evaluate_against  # noqa: E402
 from fewstep.eval.images import plot_curves  # noqa: E402
 
 NFES = (1, 2, 4, 8, 16, 32, 64)
@@ -51,7 +51,7 @@ def main() -> None:
                 for seed in a.seeds:
                     start = time.perf_counter()
                     x, labels, timing = generate(teacher, n, steps=steps, sampler=sampler, seed=seed)
-                    metrics = evaluate_samples(x, test, labels=labels)
+                    metrics = evaluate_against(x, data, labels=labels)
                     per_seed.append({"data": data, "method": "teacher", "variant": sampler, "steps": steps,
                                      **timing, **metrics, "iterations": None,
                                      "wall_seconds": time.perf_counter() - start})

@@ -46,7 +46,7 @@ def run_demo(out: Path, n: int = 1000, seed: int = 0, distill_iterations: int = 
     """
     from .api import check_sample_count, generate
     from .data import load_data
-    from .eval.evaluate import evaluate_samples
+    from .eval.evaluate import evaluate_against
     from .eval.images import plot_curves, save_grid
     from .eval.report import write_report
 
@@ -59,7 +59,7 @@ def run_demo(out: Path, n: int = 1000, seed: int = 0, distill_iterations: int = 
     images: list[tuple[str, str]] = []
     for sampler, steps in tqdm(TEACHER_SETTINGS, desc="teacher", unit="setting"):
         x, labels, timing = generate(teacher, n, steps=steps, sampler=sampler, seed=seed)
-        metrics = evaluate_samples(x, test, labels=labels)
+        metrics = evaluate_against(x, "digits", labels=labels)
         rows.append({"model": "teacher", "sampler": sampler, "steps": steps, **timing, **metrics})
         rel = f"samples/teacher_{sampler}_{steps}.png"
         save_grid(x[:100], out / rel, nrow=10)
@@ -70,7 +70,7 @@ def run_demo(out: Path, n: int = 1000, seed: int = 0, distill_iterations: int = 
     student = distill("digits", "dmd2", steps=1, out=out / "dmd2", iterations=distill_iterations, evaluate_n=0,
                       seed=seed)
     x, labels, timing = generate(student, n, seed=seed)
-    metrics = evaluate_samples(x, test, labels=labels)
+    metrics = evaluate_against(x, "digits", labels=labels)
     rows.append({"model": "DMD2 student", "sampler": "student", "steps": 1, **timing, **metrics})
     save_grid(x[:100], out / "samples/dmd2_1step.png", nrow=10)
     images.insert(0, (f"DMD2 student, 1 step (NFE {timing['nfe']})", "samples/dmd2_1step.png"))

@@ -402,8 +402,9 @@ class DMD2Method(Method):
         return self.cfg.steps > 1 and it >= 0 and ((it + 1) % loop.log_every == 0 or it + 1 == loop.iterations)
 
     def _diagnostic_reference(self) -> Any:
-        """``(kind, data)``: the test split for points (sliced W, modes) and digits (FID on the digits classifier's
-        features), else ``("none", None)`` (the per-step score mismatch alone)."""
+        """``(kind, data)``: the test split for points (sliced W, modes), the train split for digits (FID on the
+        digits classifier's features, the evaluation's reference), else ``("none", None)`` (the per-step score
+        mismatch alone)."""
         if self._reference is None:
             self._reference = ("none", None)
             shape, name = tuple(self.teacher.sample_shape), self.cfg.data
@@ -413,7 +414,8 @@ class DMD2Method(Method):
 
                 if len(shape) == 1 or (name == "digits" and shape in DIGITS_SHAPES):
                     try:
-                        data = load_data(name, "test", resolution=shape[-1] if len(shape) == 3 else None)
+                        split = "test" if len(shape) == 1 else "train"
+                        data = load_data(name, split, resolution=shape[-1] if len(shape) == 3 else None)
                     except Exception:  # a diagnostic never stops a run: without data, the mismatch alone
                         data = None
                     if data is not None and data.kind == "points":
