@@ -8,18 +8,22 @@ import torch
 from torch import Tensor, nn
 
 from .diffusion.denoiser import Denoiser
-from .diffusion.samplers import sample_student
+from .diffusion.samplers import STUDENT_SAMPLERS
 from .errors import UserError
 from .models import load_denoiser, save_denoiser
 
 
 class Student(nn.Module):
-    """``student.sample(n, labels)``: the k-step student sampler over ``timesteps`` (METHODS.md common notation).
+    """``student.sample(n, labels)``: the k-step student sampler over ``timesteps`` (METHODS.md common notation),
+    re-noising between steps (:class:`ODEStudent` takes ODE steps instead).
 
     Args:
         generator: the generator, a denoiser ``G(x_t, t, cond) -> x0_hat``.
         timesteps: its input times ``t_1 > ... > t_k``.
     """
+
+    #: the name of its sampler in :data:`fewstep.diffusion.samplers.STUDENT_SAMPLERS` (``meta.sampler`` when saved)
+    sampler = "renoise"
 
     def __init__(self, generator: Denoiser, timesteps: Tensor | list[float], info: dict[str, Any] | None = None):
         super().__init__()
@@ -72,10 +76,20 @@ class Student(nn.Module):
             self.generator.train(was_training)
         return x.cpu()
 
-
     def _sample(self, z: Tensor, cond: Tensor | None, gen: torch.Generator) -> Tensor:
-        """The k-step sampler from pure noise ``z`` (re-noising with draws from ``gen`` between steps)."""
-        return sample_student(self.generator, z, self.timesteps.to(z.device), cond, generator=gen)
+        """The k-step sampler from pure noise ``z`` (re-noising draws, if any, from ``gen``)."""
+        return STUDENT_SAMPLERS[self.sampler](self.generator, z, self.timesteps.to(z.device), cond, generator=gen)
+
+
+class ODEStudent(Student):
+    """A student that takes deterministic ODE (DDIM) steps between its timesteps instead of re-noising
+    (SDXL-Lightning's: :class:`fewstep.methods.lightning.LightningStudent` is this class)."""
+
+    sampler = "ode"
+
+
+#: student kinds by their saved ``meta.sampler`` (a registry, so that no method module is imported to load one)
+STUDENT_KINDS: dict[str, type[Student]] = {cls.sampler: cls for cls in (Student, ODEStudent)}
 
 
 def save_student(student: Student, prefix: str | Path, **meta: Any) -> Path:
@@ -93,9 +107,8 @@ def load_student(prefix: str | Path) -> Student:
         raise UserError(f"{Path(prefix).with_suffix('.json')} describes {what}, not a distilled student (no "
                         "meta.kind 'student' with timesteps); give the run directory of `fewstep distill`, or load "
                         "a teacher with --teacher / fewstep.load_teacher")
-    cls = Student
-    if meta.get("sampler") == "ode":
-        from .methods.lightning import LightningStudent
-
-        cls = LightningStudent
-    return cls(den, meta["timesteps"], info=desc)
+    kind = meta.get("sampler") or Student.sampler
+    if kind not in STUDENT_KINDS:
+        raise UserError(f"{Path(prefix).with_suffix('.json')} names student sampler {kind!r}, which this fewstep "
+                        f"does not have ({', '.join(STUDENT_KINDS)}); load it with the fewstep version that saved it")
+    return STUDENT_KINDS[kind](den, meta["timesteps"], info=desc)

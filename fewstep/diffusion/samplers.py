@@ -182,3 +182,15 @@ def sample_student(
             eps = _randn_like(x, generator)
             x = schedule.add_noise(x0, eps, _per_sample(ts[i + 1], x))
     return (x0, inputs) if return_inputs else x0
+
+
+def sample_student_ode(generator_net: Any, z: Tensor, ts: Tensor, cond: Any = None, **_: Any) -> Tensor:
+    """An ODE student's sampler (SDXL-Lightning's): ``x0_hat = G(x_{t_i}, t_i)``, then the deterministic DDIM step to
+    ``t_{i+1}`` (the teacher's flow), the last step to clean returning ``x0_hat``; one evaluation a step."""
+    schedule = generator_net.schedule
+    grid = torch.cat([ts.detach().cpu().float(), torch.tensor([schedule.t_clean])]).to(z.device)
+    return sample_ddim(generator_net, initial_noise(schedule, z, grid[0]), grid, cond)
+
+
+#: the k-step student samplers by name (a saved student's ``meta.sampler``; "renoise" when it names none)
+STUDENT_SAMPLERS: dict[str, Callable[..., Tensor]] = {"renoise": sample_student, "ode": sample_student_ode}

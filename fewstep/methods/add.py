@@ -63,8 +63,7 @@ from ..models.discriminators import ADDDiscriminator, hinge_g_loss, text_embeddi
 from ..models.features import DIGITS_SHAPES, DecodedFeatures, FeatureNetwork, build_feature_network
 from ..models.lora import apply_lora, share_frozen_weights, trainable
 from ..options import MAX_LR, MAX_RESOLUTION
-from ..train.teacher import warmup_schedule
-from .base import Batch, Method, Player, batch_cond, is_conditional
+from .base import Batch, Method, Player, batch_cond, is_conditional, warmup_schedule
 from .dmd2 import Generator, _unwrap
 
 WEIGHTINGS = ("exponential", "sds", "nfsd")

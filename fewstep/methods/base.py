@@ -110,3 +110,13 @@ class Method:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear learning-rate warm-up over ``warmup_iterations`` updates, then constant."""
+    w = max(int(warmup_iterations), 0)
+
+    def factor(step: int) -> float:
+        return 1.0 if w == 0 else min(1.0, (step + 1) / w)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -90,14 +90,14 @@ from torch import Tensor, nn
 
 from ..config import RESOLUTION_DESCRIPTION, STRICT, TEACHER_DESCRIPTION, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, guided
-from ..diffusion.samplers import initial_noise, sample_ddim, sample_heun, student_timesteps
+from ..diffusion.samplers import sample_ddim, sample_heun, student_timesteps
 from ..diffusion.schedule import Schedule, bcast
 from ..errors import UserError
 from ..io import atomic_write, atomic_write_json
 from ..models.discriminators import FeatureHead, nonsaturating_d_loss, nonsaturating_g_loss
 from ..models.lora import ADAPTER, low_rank, lora_targets
 from ..options import MAX_LR, MAX_RESOLUTION
-from ..student import Student
+from ..student import ODEStudent as LightningStudent, load_student
 from .base import Batch, Method, Player, batch_cond
 from .dmd2 import Generator, _unwrap
 
@@ -390,22 +390,10 @@ def apply_lora(teacher: Denoiser, folder: str | Path) -> Denoiser:
 # ----------------------------------------------------------------------------------------------------------------
 # The student: ODE steps
 # ----------------------------------------------------------------------------------------------------------------
-class LightningStudent(Student):
-    """A Lightning student: ``x0_hat = G(x_{t_i}, t_i)`` then the deterministic DDIM step to ``t_{i+1}`` (the teacher's
-    flow), the last step to clean returning ``x0_hat``. One network evaluation a step."""
-
-    sampler = "ode"
-
-    def _sample(self, z: Tensor, cond: Tensor | None, gen: torch.Generator) -> Tensor:
-        ts = torch.cat([self.timesteps.cpu(), torch.tensor([self.schedule.t_clean])]).to(z.device)
-        return sample_ddim(self.generator, initial_noise(self.schedule, z, ts[0]), ts, cond)
-
-
-def load_student(prefix: str | Path) -> Student:
-    """Load a saved student (:func:`fewstep.student.load_student`, which picks ODE steps for Lightning's)."""
-    from ..student import load_student as _load
-
-    return _load(prefix)
+# A Lightning student is :class:`fewstep.student.ODEStudent` (imported above as ``LightningStudent``):
+# ``x0_hat = G(x_{t_i}, t_i)`` then the deterministic DDIM step to ``t_{i+1}`` (the teacher's flow), the last step to
+# clean returning ``x0_hat``; one network evaluation a step. ``load_student`` (fewstep.student's, re-exported) picks it
+# for a saved student whose JSON says ``meta.sampler: ode``.
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from ..config import TeacherConfig
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.schedule import schedule_from_config
 from ..errors import UserError
-from ..methods.base import Batch, Method, Player
+from ..methods.base import Batch, Method, Player, warmup_schedule
 from ..models import build_network, save_denoiser
 from .loop import check_run_dir, set_aside, train
 
@@ -31,16 +31,6 @@ class DenoisingObjective(nn.Module):
 
     def forward(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Any = None) -> Tensor:
         return self.denoiser.denoising_loss(x0, t, eps, cond)
-
-
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_iterations: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear learning-rate warm-up over ``warmup_iterations`` updates, then constant."""
-    w = max(int(warmup_iterations), 0)
-
-    def factor(step: int) -> float:
-        return 1.0 if w == 0 else min(1.0, (step + 1) / w)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class TeacherMethod(Method):
@@ -153,12 +143,17 @@ def teacher_sample_writer(data: str | None, steps: int = 16, sampler: str = "heu
     """A ``sample_fn`` for :func:`train_teacher`: a grid of 100 images (10 per class) or a 2,000-point scatter."""
 
     def write(denoiser: Denoiser, path: Path) -> None:
-        from ..api import generate
+        from ..diffusion.samplers import sample
         from ..eval.images import save_samples
 
         n = 100 if len(denoiser.sample_shape) == 3 else 2000
-        x, _, _ = generate(denoiser, n, steps=steps, sampler=sampler, seed=1234)
-        save_samples(x, path, data, title=f"{sampler}, {steps} steps")
+        gen = torch.Generator().manual_seed(1234)
+        device = next(denoiser.parameters()).device
+        z = torch.randn((n, *denoiser.sample_shape), generator=gen).to(device)
+        labels = torch.arange(n, device=device) % denoiser.num_classes if denoiser.num_classes > 0 else None
+        with torch.no_grad():  # balanced classes, as fewstep.api.generate
+            x = sample(denoiser, z, steps, sampler, cond=labels, generator=gen)
+        save_samples(x.cpu(), path, data, title=f"{sampler}, {steps} steps")
 
     return write
 
