@@ -49,6 +49,9 @@ _CURVE_TITLES = {
 
 #: samples per model for the timing of a run without a feature network (no FID to feed)
 TIMING_N = 16
+#: the teacher's quality-against-NFE curve each report draws, per sampler (DDIM also at the student's steps); the
+#: student is a point on that picture. Its rows are cached as the table's (:func:`_rows`).
+TEACHER_CURVE: dict[str, tuple[int, ...]] = {"ddim": (1, 2, 4, 8), "heun": (8, 16, 32)}
 
 
 def _kind(model: Any) -> str:
@@ -292,11 +295,31 @@ def _measure_images(run_dir: Path, models: list[tuple[str, Any, dict[str, Any]]]
     return rows, [], note
 
 
+def _frontier(run_dir: Path, rows: list[dict[str, Any]], metric: str, steps: int) -> list[dict[str, Any]]:
+    """Write ``nfe_curve.json`` (the teacher's rows along :data:`TEACHER_CURVE` and the student's) and its picture
+    ``nfe_curve.png``; return the rows in the report's order (teacher by sampler and NFE, then the student)."""
+    from .eval.images import plot_nfe_frontier
+
+    teacher = sorted((r for r in rows[1:] if r.get(metric) is not None), key=lambda r: (r["sampler"], r["nfe"]))
+    student = {**rows[0], "sampler": "student", "steps": steps}
+    atomic_write_json(run_dir / "nfe_curve.json", [*teacher, student])  # every metric measured, for readers
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in teacher:
+        curves.setdefault(r["sampler"], []).append((r["nfe"], r[metric]))
+    plot_nfe_frontier(curves, [(f"student ({steps} step{'s' if steps > 1 else ''})", student["nfe"],
+                                student.get(metric), None)], run_dir / "nfe_curve.png", metric=metric,
+                      title=f"{metric} against NFE: the teacher per sampler, the student a point")
+    keep = ["model", "sampler", "steps", "nfe", metric, "seconds_per_1000"]
+    return [{k: r.get(k) for k in keep} for r in [*teacher, student]]
+
+
 def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, seed: int = 0,
                      inception_weights: str | Path | None = None, data: str | None = None,
                      cfg_scale: float = 1.0) -> Path:
     """Evaluate ``student`` and ``teacher`` (DDIM with the student's step count, and Heun with 32 steps), write
-    ``eval.json`` and ``report.html`` into ``run_dir``; return the report's path.
+    ``eval.json`` and ``report.html`` into ``run_dir``; return the report's path. Where a quality metric exists the
+    teacher is also measured along :data:`TEACHER_CURVE`: ``nfe_curve.json`` and ``nfe_curve.png`` (its curve per
+    sampler, the student a point). The report embeds every picture, so it can be sent alone.
 
     ``data`` is the run's data (default: the student's recorded data): every row is measured against it, the
     teacher's too (a diffusers teacher records none). ``cfg_scale``: the guidance the student was distilled with;
@@ -321,6 +344,10 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
               ("teacher (ddim)", teacher, {"steps": student.steps, "sampler": "ddim", **guide}),
               ("teacher (heun)", teacher, {"steps": 32, "sampler": "heun", **guide})]
     kind = _kind(student)
+    if kind != "image" or _inception_weights(inception_weights)[0] is not None:  # a quality to draw against NFE
+        settings = {(s, k) for s, ks in TEACHER_CURVE.items() for k in ks} | {("ddim", student.steps)}
+        models += [(f"teacher ({s}, {k} steps)", teacher, {"steps": k, "sampler": s, **guide})
+                   for s, k in sorted(settings) if (s, k) not in {("ddim", student.steps), ("heun", 32)}]
     note = ""
     # what, besides the teacher and its sampling, decides a teacher row (the cache's key)
     evaluation = {"n": n, "seed": seed, "data": data, "data_files": _tree_id(data, whole=False) if data else None}
@@ -330,11 +357,13 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
     else:
         rows = _rows(models, teacher, lambda model, kw: evaluate(model, data=data, n=n, seed=seed, **kw),
                      {**evaluation, "features": _features_id(kind, None)})
-        metric_keys = (["fid", "precision", "recall", "class_accuracy"] if kind == "digits"
+        metric_keys = (["fid", "fid_heldout", "precision", "recall", "class_accuracy"] if kind == "digits"
                        else ["sliced_w", "modes_covered", "high_quality"])
+    rows, extra = rows[:3], rows[3:]  # the table's rows; the rest only draw the teacher's curve
     rows[0]["steps"] = student.steps
     atomic_write_json(run_dir / "eval.json", rows)
     table = [{k: r.get(k) for k in ["model", "steps", "nfe", *metric_keys, "seconds_per_1000"]} for r in rows]
+    frontier = _frontier(run_dir, rows + extra, metric_keys[0], student.steps) if metric_keys else []
 
     metrics_path = run_dir / "metrics.jsonl"
     metrics_rows = ([json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -352,7 +381,9 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
     grids = sorted((run_dir / "samples").glob("step_*.png"))
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
     cfg = yaml.safe_load(config_text) if config_text else {}
-    measured = (f"{n} samples each, measured against the held-out split." if kind != "image" or metric_keys
+    against = {"digits": "the train split (fid_heldout: the held-out split, the memorisation check)",
+               "points": "the held-out split"}.get(kind, "the held-out split")
+    measured = (f"{n} samples each, measured against {against}." if kind != "image" or metric_keys
                 else "NFE and sampling time per model.")
     text = (f"{cfg.get('method', 'student')} student of teacher {cfg.get('teacher')} on {cfg.get('data') or data}, "
             f"{measured}")
@@ -365,6 +396,10 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
                  "delete it to measure again).")
     sections = [
         {"heading": "Result", "text": text + (f"\n\n{note}" if note else ""), "table": table},
+        *([{"heading": f"{metric_keys[0]} against NFE",
+            "text": f"The teacher's curve per sampler ({n} samples a point, the same seed) and the student as a "
+                    "point at its own NFE; nfe_curve.json holds the numbers.",
+            "table": frontier, "images": [(f"{metric_keys[0]} against NFE", "nfe_curve.png")]}] if frontier else []),
         {"heading": "Training curves", "images": curve_images},
         {"heading": "Samples over training", "images": [(g.stem.replace("_", " "), f"samples/{g.name}") for g in grids]},
         {"heading": "Resolved config", "code": config_text},

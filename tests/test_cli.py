@@ -120,7 +120,13 @@ def test_demo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = report.read_text()
     assert "DMD2 student" in text and "teacher" in text
     rows = json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())
-    assert [r["nfe"] for r in rows if r["model"] == "teacher"] == [1, 2, 4, 8, 31, 63]
+    assert [r["nfe"] for r in rows if r["model"] == "teacher"] == [1, 2, 4, 8, 15, 31, 63]
+    # the demo's report and its DMD2 run's own (with eval.json) stand alone, pictures embedded (test_report_html)
+    from test_report_html import assert_self_contained
+
+    assert (tmp_path / "runs" / "demo" / "dmd2" / "eval.json").is_file()
+    assert len(assert_self_contained(report)) == 1 + 7 + 1 + 1  # NFE curve, 7 teacher grids, student, last grid
+    assert assert_self_contained(tmp_path / "runs" / "demo" / "dmd2" / "report.html")
     # a second demo never overwrites the first
     assert main(["demo", "--n", "100", "--distill-iterations", "3"]) == 0
     assert (tmp_path / "runs" / "demo-1" / "report.html").is_file() and report.read_text() == text

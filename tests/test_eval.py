@@ -260,12 +260,13 @@ def test_write_report_escapes_and_formats(tmp_path):
          "images": [("samples & grid", "samples/grid 1.png")], "code": "lr: 1e-3\nname: <x>"},
         {"heading": "Empty"},
     ]
+    save_grid(torch.zeros(1, 1, 8, 8), tmp_path / "samples" / "grid 1.png")  # embedded, not linked
     html_text = write_report(tmp_path / "report.html", "Run <1>", sections).read_text()
     assert "<script>" not in html_text and "&lt;script&gt;two" in html_text
     assert "<title>Run &lt;1&gt;</title>" in html_text and "Metrics &lt;b&gt;" in html_text
     assert "<td>1.235</td>" in html_text and "<td>25</td>" in html_text and "<td>\u2014</td>" in html_text
     assert "<td>1e-07</td>" in html_text and "<th>x</th>" in html_text
-    assert 'src="samples/grid%201.png"' in html_text and "samples &amp; grid" in html_text
+    assert 'src="data:image/png;base64,' in html_text and "samples &amp; grid" in html_text
     assert "name: &lt;x&gt;" in html_text and html_text.count("<section>") == 2
     assert format_value(np.float32(0.5)) == "0.5" and format_value(torch.tensor(3)) == "3"
 

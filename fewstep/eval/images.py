@@ -218,6 +218,59 @@ def plot_curves(
     return _save_figure(fig, path)
 
 
+def plot_nfe_frontier(
+    curves: dict[str, list[tuple[float, float]]],
+    points: list[tuple[str, float, float, float | None]],
+    path: str | os.PathLike,
+    metric: str = "fid",
+    title: str | None = None,
+) -> Path:
+    """Quality against NFE: a teacher's curve per sampler and each student as a point (with an error bar when its
+    std is given); log-scale NFE, log-scale quality when every value is > 0 (lower is better for FID and sliced W).
+
+    Args:
+        curves: ``{sampler: [(nfe, value), ...]}``, drawn as lines in NFE order.
+        points: ``(label, nfe, value, std or None)``, drawn as markers.
+        path: the file to write (its suffix picks the format).
+        metric: the vertical axis' label.
+        title: figure title.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    values: list[float] = []
+    for sampler, pts in curves.items():
+        pts = sorted((float(n), float(v)) for n, v in pts if v is not None and math.isfinite(float(v)))
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"teacher ({sampler})")
+            values.extend(ys)
+    for i, (label, n, v, std) in enumerate(points):
+        if v is None or not math.isfinite(float(v)):
+            continue
+        ax.errorbar([float(n)], [float(v)], yerr=None if std is None else [[float(std)], [float(std)]], fmt="*",
+                    markersize=11, capsize=3, color=f"C{len(curves) + i}", label=label, zorder=3)
+        values.append(float(v))
+    if not values:
+        raise UserError(f"no finite {metric} to plot against NFE; check the rows measured")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 1, 2, 4 ... rather than 2^0, and 6 rather than 6 x 10^0
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plain)
+    if min(values) > 0:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save_figure(fig, path)
+
+
 def save_samples(
     x: Tensor | np.ndarray, path: str | os.PathLike, data: str | None = None, title: str | None = None
 ) -> Path:

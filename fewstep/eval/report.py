@@ -1,13 +1,14 @@
-"""One self-contained HTML report a person can open: inline CSS, images by relative path, tables of metrics."""
+"""One self-contained HTML report a person can open or send alone: inline CSS, images embedded as base64 data URIs
+(the files may lie beside it, the page does not need them), tables of metrics; no network, no script."""
 from __future__ import annotations
 
+import base64
 import html
 import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from ..io import atomic_write_text
 
@@ -58,17 +59,33 @@ def _table(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _section(s: dict) -> str:
+#: suffix -> MIME type of the pictures a report embeds (a browser shows these inline; a PDF it would not)
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+               ".gif": "image/gif", ".svg": "image/svg+xml"}
+
+
+def data_uri(path: str | os.PathLike) -> str | None:
+    """The picture at ``path`` as a ``data:`` URI (base64), or None when it is no file of :data:`IMAGE_TYPES`."""
+    path = Path(path)
+    kind = IMAGE_TYPES.get(path.suffix.lower())
+    if kind is None or not path.is_file():
+        return None
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _section(s: dict, base: Path) -> str:
     parts = [f"<h2>{html.escape(str(s.get('heading', '')))}</h2>"]
     if s.get("text"):
         parts.extend(f"<p>{html.escape(p)}</p>" for p in str(s["text"]).split("\n\n"))
     if s.get("table"):
         parts.append(_table(s["table"]))
     for caption, rel in s.get("images") or []:
-        src = html.escape(quote(Path(rel).as_posix(), safe="/._-~"), quote=True)
         cap = html.escape(str(caption))
-        parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{cap}"></a>'
-                     f"<figcaption>{cap}</figcaption></figure>")
+        src = data_uri(base / rel) if str(rel) else None
+        if src is None:  # said on the page, not a broken link
+            parts.append(f'<p class="meta">{cap}: no picture ({html.escape(str(rel) or "none was written")})</p>')
+            continue
+        parts.append(f'<figure><img src="{src}" alt="{cap}"><figcaption>{cap}</figcaption></figure>')
     if s.get("code"):
         parts.append(f"<pre><code>{html.escape(str(s['code']))}</code></pre>")
     return "<section>" + "\n".join(parts) + "</section>"
@@ -82,14 +99,16 @@ def write_report(path: str | os.PathLike, title: str, sections: list[dict]) -> P
         title: page title and top heading.
         sections: dicts with ``heading`` (str) and optional ``text`` (str; blank lines split paragraphs),
             ``table`` (list of dicts, one row each; columns in first-seen order), ``images`` (list of
-            ``(caption, path relative to the report)``), ``code`` (preformatted, e.g. the resolved YAML config).
+            ``(caption, path relative to the report)``: each picture is read and embedded, so the page needs no
+            file beside it; one that is missing is said in a line), ``code`` (preformatted, e.g. the resolved
+            YAML config).
     """
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1><p class=\"meta\">written {when} by fewstep</p>\n"
-        + "\n".join(_section(s) for s in sections)
+        + "\n".join(_section(s, Path(path).parent) for s in sections)
         + "\n</body></html>\n"
     )
     return atomic_write_text(path, doc)
