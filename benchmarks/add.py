@@ -5,10 +5,9 @@
 
 Rows: the teacher at its best NFE and at 1, 2 and 4 NFE (DDIM), as in benchmarks/dmd2.py; ADD 1-step and 4-step
 ("full"; the 4-step row is a separate 4-step run so that it reads like DMD2's); the 1-step ablations adversarial only
-(``distill_weight: 0``) and distillation only (``adversarial: false``); full and adversarial only again with the
-teacher's encoder as the feature network (``*_teacher_features``; on digits the default is the classifier FID
-reads). Each distillation run uses the shipped config for its data (configs/add_<data>.yaml), so the budget is the
-same for every variant. Writes
+(``distill_weight: 0``) and distillation only (``adversarial: false``). Each distillation run uses the shipped config
+for its data (configs/add_<data>.yaml), so the budget and the feature network are the same for every variant: the
+teacher's encoder on digits (not the classifier digits FID reads), a fixed random MLP on grid25. Writes
 benchmarks/results/add.json and prints the README table.
 
 The lambda sweep (issue 17): ``python benchmarks/add.py sweep --data digits grid25 --seeds 0 1 2``
@@ -18,9 +17,10 @@ The lambda sweep (issue 17): ``python benchmarks/add.py sweep --data digits grid
   ``generator/grad_ratio`` = lambda ||dL_distill/dx|| / ||dL_adv/dx||, the mean of its rows in the run's second half;
   the ratio is linear in lambda at a fixed state, so lambda = r * lambda_0 / ratio_0 aims at ratio r, for each r of
   ``--ratios`` (0.1 0.3 1 3). ``--lambdas-sum`` / ``--lambdas-mean`` give the lambdas instead (no calibration).
-* Every (reduction, lambda) trains 1-step ADD over ``--seeds``, with a feature network FID does not read (digits:
-  ``feature_network: teacher``, the teacher's encoder; grid25: the config's, a random MLP, and grid25 is measured by
-  sliced W); each row keeps the ratio and cosine the run itself logged (mean over its rows).
+* Every (reduction, lambda) trains 1-step ADD over ``--seeds`` with the shipped config's feature network, one FID
+  does not read (digits: the teacher's encoder, the default; grid25: a random MLP, and grid25 is measured by sliced
+  W); each row keeps the ratio and cosine the run itself logged (mean over its rows). Evaluation:
+  ``fewstep.api.evaluate`` (digits FID against the train split, ``fid_heldout`` beside it).
 * The default: the (reduction, lambda) with the best mean rank over the data sets (lower FID / sliced W), or
   ``--default sum:2.5``. The ablation at it: adversarial only (``distill_weight: 0``) and distillation only
   (``adversarial: false``), same seeds; ``meta.ablation`` gives, per data set, full's margin over each in units of
@@ -49,20 +49,11 @@ VARIANTS = {  # name: (steps, config overrides)
     "full-4step": (4, {}),
     "adv_only": (1, {"distill_weight": 0.0}),
     "distill_only": (1, {"adversarial": False}),
-    # the digits default feature network is the digits classifier, the network digits FID reads: these two repeat
-    # full / adv_only with the teacher's own encoder as the feature network instead
-    "full_teacher_features": (1, {"feature_network": "teacher"}),
-    "adv_only_teacher_features": (1, {"feature_network": "teacher", "distill_weight": 0.0}),
 }
 
 
 METRIC = {"digits": "fid", "grid25": "sliced_w"}  # lower is better
 RATIOS = (0.1, 0.3, 1.0, 3.0)
-
-
-def sweep_overrides(data: str) -> dict[str, Any]:
-    """The sweep's feature network: on digits the teacher's encoder (the default there is the classifier FID reads)."""
-    return {"feature_network": "teacher"} if data == "digits" else {}
 
 
 def logged(run_dir: Path, second_half: bool = False) -> dict[str, float | None]:
@@ -100,7 +91,7 @@ def calibrate(data: str, reduction: str, work: Path, iterations: int, ratios: It
 
     lam0 = load_config(ROOT / "configs" / f"add_{data}.yaml", ADDConfig).distill_weight
     _, out = run(data, work, f"calibrate-{reduction}", 0, iterations, None, distill_reduction=reduction,
-                 distill_weight=lam0, **sweep_overrides(data))
+                 distill_weight=lam0)
     ratio0 = logged(out, second_half=True)["grad_ratio"]
     if not ratio0:
         raise SystemExit(f"{data} {reduction}: the calibration run logged no generator/grad_ratio; give more "
@@ -142,7 +133,7 @@ def sweep(argv: list[str]) -> None:
     def measure(data: str, variant: str, **overrides: Any) -> dict[str, Any]:
         per_seed = []
         for seed in a.seeds:
-            row, out = run(data, work, variant, seed, a.iterations, a.n, **sweep_overrides(data), **overrides)
+            row, out = run(data, work, variant, seed, a.iterations, a.n, **overrides)
             per_seed.append({"data": data, "method": "add", "variant": variant, "steps": 1,
                              "distill_reduction": overrides.get("distill_reduction"),
                              "distill_weight": overrides.get("distill_weight"), **row, **logged(out)})

@@ -9,6 +9,7 @@ SDS with ``w = sigma^2``. The tests build that SDS gradient explicitly from ``ep
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import sys
@@ -472,9 +473,9 @@ def test_players_and_frozen_networks():
     assert list(m.players) == ["generator", "discriminator"]
     assert m.updates(0) == m.updates(7) == ["discriminator", "generator"]
     assert m.timesteps.tolist() == [999.0] and m.train_timesteps.tolist() == [999.0, 749.0, 499.0, 249.0]
-    assert isinstance(m.features, DigitsFeatures)  # auto: the digits classifier for the digits teacher
+    assert isinstance(m.features, TeacherFeatures)  # auto: the teacher's encoder, digits included
     gen, disc = m.players["generator"].module, m.players["discriminator"].module
-    assert isinstance(disc, ADDDiscriminator) and len(disc.heads) == 4
+    assert isinstance(disc, ADDDiscriminator) and len(disc.heads) == len(m.features.layers) + 1  # blocks + output
     frozen = {p.data_ptr() for p in teacher.parameters()} | {p.data_ptr() for p in m.features.parameters()}
     for module in (gen, disc):
         assert all(p.requires_grad for p in module.parameters())
@@ -490,6 +491,26 @@ def test_players_and_frozen_networks():
     # ablations: distillation only has no discriminator; adversarial only never calls the teacher
     m_dist = add(teacher, adversarial=False)
     assert list(m_dist.players) == ["generator"] and m_dist.updates(0) == ["generator"] and m_dist.features is None
+
+
+def test_the_digits_default_feature_network_is_not_the_evaluations():
+    """The shipped digits recipe's discriminator reads the teacher's encoder, not the classifier digits FID reads:
+    no classifier module inside it, no tensor of the evaluation's network among its weights, other features."""
+    from fewstep.api import load_teacher
+    from fewstep.config import load_config
+    from fewstep.eval.classifier import DigitsClassifier, load_digits_classifier
+
+    teacher = load_teacher("digits")
+    m = ADDMethod(teacher, load_config(ROOT / "configs" / "add_digits.yaml", ADDConfig))
+    assert isinstance(m.features, TeacherFeatures) and m.features.denoiser is teacher
+    assert not any(isinstance(mod, DigitsClassifier) for mod in m.features.modules())
+    evaluation = load_digits_classifier()  # what fewstep.eval.evaluate reads by default
+    ours = list(m.features.state_dict().values())
+    for t in evaluation.state_dict().values():
+        assert not any(o.shape == t.shape and torch.equal(o, t) for o in ours)
+    x = torch.rand(16, 1, *teacher.sample_shape[1:]) * 2 - 1
+    pooled = m.features(x)[1]
+    assert pooled.shape[1] != evaluation.features(x).shape[1] or not torch.allclose(pooled, evaluation.features(x))
 
 
 @pytest.mark.parametrize("kind", ["points", "images"])
@@ -684,7 +705,8 @@ def test_distill_end_to_end_grid25(tmp_path, with_add):
     assert {"generator/adv", "generator/distill", "discriminator/hinge", "discriminator/r1"} <= set(rows[-1])
     assert all(r["generator/grad_ratio"] > 0 and abs(r["generator/grad_cos"]) <= 1 for r in rows)  # every log row
     assert (out / "curves" / "generator_grad_ratio.png").is_file()
-    assert "curves/generator_grad_ratio.png" in (out / "report.html").read_text()
+    curve, page = out / "curves" / "generator_grad_ratio.png", (out / "report.html").read_text()
+    assert base64.b64encode(curve.read_bytes()).decode() in page or "curves/generator_grad_ratio.png" in page  # shown
     assert "method: add" in (out / "config.yaml").read_text()
     teacher = load_teacher("grid25")
     saved = load_file(str(out / "student.safetensors"))
