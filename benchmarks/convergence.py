@@ -18,7 +18,8 @@ Regimes (``--regime``): ``configs`` runs the shipped DisBack options; ``long`` i
 issue-17 regime: default budget 10,000 iterations): the recording takes ``--record-share`` of it (10%) in
 ``--record-checkpoints`` checkpoints, and the path (all targets but the teacher) ``--path-share`` of the
 distillation's generator updates (30%), so each node gets a real share of generator updates (``switch_unit:
-generator_updates``).
+generator_updates``). ``--head-along-path`` runs DisBack with ``head_along_path`` (DMD2's GAN head recorded with the
+path and restored at each switch).
 
 Starts (``--start``): ``teacher`` (the paper's: both generators start from the teacher) and ``student`` (the reference
 code's SDXL setting: DisBack as a stage on top of a trained DMD2 generator). For ``student`` the DMD2 run lasts
@@ -149,6 +150,7 @@ def run_curve(method_name: str, teacher: Any, cfg: Any, dataset: Any, data: str,
 
     measure(offset)
     if method_name == "disback":
+        method.dataset = dataset  # as the loop does: real data for a recording of the GAN head (head_along_path)
         method.to(torch.device("cpu"))  # the recording happens here (the loop would do it on its device)
         rec = cfg.recording_iterations()
         rows.append({**rows[-1], "iterations": offset + rec,
@@ -275,6 +277,8 @@ def main() -> None:
                    help="teacher-initialised generators, and/or DisBack on top of a DMD2 student")
     p.add_argument("--student-iterations", type=int, default=None,
                    help="student start: DMD2 iterations of the student (default: the budget; a multiple of --every)")
+    p.add_argument("--head-along-path", action="store_true",
+                   help="DisBack records DMD2's GAN head with the path and restores head^(k) at each switch")
     p.add_argument("--levels", nargs="+", type=float, default=[1.0, 1.25, 1.5, 2.0, 4.0],
                    help="quality levels as multiples of Q (1 = Q itself, always included)")
     p.add_argument("--name", default="convergence", help="results files benchmarks/results/<name>.json/.png")
@@ -304,6 +308,8 @@ def main() -> None:
                                  f"must be multiples of --every ({a.every})")
             db_options = (long_regime(budget, base.ttur, a.record_checkpoints, a.record_share, a.path_share)
                           if a.regime == "long" else {})
+            if a.head_along_path:
+                db_options = {**db_options, "head_along_path": True}
             options[data] = db_options
             curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {
                 s: {"dmd2": [], "disback": []} for s in a.start}

@@ -658,3 +658,45 @@ def test_a_per_step_fake_score_starts_from_the_paths_end_at_every_step(tmp_path)
     for i in (1, 2):
         with active_adapters(fake, [f"step{i}"]):
             assert torch.equal(fake(x, t), end(x, t))
+
+
+def test_the_gan_head_recorded_along_the_path_is_restored_bit_for_bit_at_each_switch(tmp_path):
+    """head_along_path: the recording trains a copy of DMD2's head with D_deg and saves head^(k) beside D^(k); the
+    run starts the head from head^(N) and every switch to D^(k) loads head^(k) exactly, while the head trains in
+    between (a guidance step changes it; an iteration without a switch keeps the trained weights)."""
+    teacher = point_teacher()
+    dmd2 = {"gan": True, "guidance_scale": 1.0, "gan_head_weight": 1.0}
+    m = disback(teacher, tmp_path, record_checkpoints=3, switch_every=2, switch_unit="iterations",
+                head_along_path=True, dmd2=dmd2)
+    head = _unwrap(m.players["guidance"].module).head
+    built = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(UserError, match="real data"):
+        m.prepare()  # no data given
+    m.dataset = type("Data", (), {"x": torch.randn(64, 2), "labels": None})()
+    m.to("cpu")
+    plain = disback(point_teacher(), tmp_path, record_checkpoints=3, switch_every=2, switch_unit="iterations",
+                    dmd2=dmd2)
+    assert m.key != plain.key and m.path.info["gan_head"]  # the head's recording is part of the path's key
+    n = m.path.checkpoints
+    heads = {k: load_file(str(m.path.head_file(k))) for k in range(n + 1)}
+    assert_same_state(heads[0], built)  # head^(0): the head as built
+    assert all(states_differ(heads[k], heads[k + 1]) for k in range(n))  # the recording trained it
+    assert_same_state(head.state_dict(), heads[n])  # the run starts from head^(N), with the fake score at D^(N)
+
+    player = m.players["guidance"]
+    for it in range(6):
+        before = {k: v.clone() for k, v in head.state_dict().items()}
+        m.updates(it)
+        if it in (2, 4):  # the switches to D^(1) and D^(0)
+            assert_same_state(head.state_dict(), heads[m.backtrack.target_index])
+        else:
+            assert_same_state(head.state_dict(), before)
+        now = {k: v.clone() for k, v in head.state_dict().items()}
+        loss, _ = m.loss("guidance", point_batch(), it)
+        player.optimizer.zero_grad()
+        loss.backward()
+        player.optimizer.step()
+        assert states_differ(head.state_dict(), now)  # the head trains between switches
+    assert m.head_restores == [n, 1, 0]
+    with pytest.raises(ValueError, match="head_along_path"):
+        DisBackConfig(head_along_path=True, dmd2={"gan": False})

@@ -86,6 +86,9 @@ class Method:
     players: dict[str, Player]
     #: the run directory, set by the loop before :meth:`to` (methods that store artefacts there read it)
     run_dir: "Path | None" = None
+    #: the training data (``x``, ``labels``), set by the loop before :meth:`to` (DisBack's recording of the GAN head
+    #: reads its real samples)
+    dataset: Any = None
 
     def updates(self, it: int) -> list[str]:
         """The players that take an optimizer step at iteration ``it``, in order (default: all, every iteration)."""

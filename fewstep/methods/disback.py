@@ -19,8 +19,8 @@ distribution. DisBack gives the generator a path to follow instead of the endpoi
 
 Choices where the paper and METHODS.md are silent, following the public DisBack code (SDXL on DMD2) where it is sound:
 
-* Recording trains only ``D_deg`` (METHODS.md stage 1); the reference code also trains the GAN head during recording,
-  which DMD2 trains from scratch here. Optimiser: AdamW ``betas (0.9, 0.999)``, gradient clipping at 10 (the
+* Recording trains ``D_deg`` (METHODS.md stage 1), and with ``head_along_path`` a copy of DMD2's GAN head beside it
+  (below). Optimiser: AdamW ``betas (0.9, 0.999)``, gradient clipping at 10 (the
   reference's), weight decay ``record_weight_decay``, warm-up ``record_warmup``, learning rate ``record_lr`` (the
   reference's degradation script: 5e-7, batch 1, weight decay 0.01, 500 warm-up steps; default: the wrapped method's
   fake-score rate, refused when that is a LoRA rate). Precision and gradient checkpointing follow the loop's
@@ -43,8 +43,15 @@ Choices where the paper and METHODS.md are silent, following the public DisBack 
 * ``init_generator``: the generator starts from a trained student's weights (a ``fewstep distill`` run directory or
   its ``student.safetensors``) instead of the teacher's, as the reference's SDXL scripts start DisBack from a DMD2
   generator; the path is then recorded towards that student (the path key hashes its weights).
-* The reference also records the GAN head along the path and restores it at each switch; ours trains DMD2's head
-  from scratch (README, "DisBack", says why).
+* The GAN head (``head_along_path``, :class:`HeadRecording`). The reference's recording trains its whole guidance
+  model, fake score and GAN head (``cls_pred_branch``), with DMD2's losses and saves all of it at every checkpoint;
+  at a switch it loads the checkpoint into its real score only (``real_unet.load_state_dict(..., strict=False)``,
+  under key prefixes that match nothing), so its head is recorded but never restored. Ours, on request: the
+  recording trains a copy of the head with ``D_deg`` (DMD2's guidance loss, the head on ``D_deg``'s features, real
+  data against initial-generator samples), saves ``head^(k)`` beside ``D^(k)`` (``head^(0)``: as built); the run
+  starts the head from ``head^(N)`` with the fake score at ``D^(N)``, and each switch to ``D^(k)`` loads
+  ``head^(k)`` in place (the optimizer's moments carry on; a resume keeps the trained head of its checkpoint).
+  Default off: the head trains from scratch (README, "DisBack", gives the grid25 check).
 * The switch schedule is part of the method's checkpointed state (``extra_state``), so a resumed run continues on the
   same target; the threshold test averages the last ``switch_window`` generator updates' mismatch, across processes.
 * Every generator update logs ``score_mismatch`` (measured against the *current* target) and ``stage``.
@@ -67,7 +74,7 @@ from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import STRICT, TEACHER_DESCRIPTION, DMD2Config, LoopConfig, _default_distill_loop
 from ..diffusion.denoiser import Denoiser, guided
@@ -76,6 +83,7 @@ from ..errors import UserError
 from ..io import atomic_write, atomic_write_json
 from ..models.checkpointing import enable_gradient_checkpointing
 from ..options import MAX_LR
+from ..models.discriminators import nonsaturating_d_loss
 from .base import Batch, Method
 from .dmd2 import _unwrap
 
@@ -187,6 +195,17 @@ class DisBackConfig(BaseModel):
                     "directory (its student.safetensors) or a .safetensors file of the generator's network (the "
                     "teacher's architecture). The path is recorded towards it. The reference's SDXL scripts start "
                     "DisBack from a trained DMD2 generator; the paper from the untrained one (None).")
+    head_along_path: bool = Field(
+        False,
+        description="Record DMD2's GAN head along the path and restore it at each switch: the recording trains a copy "
+                    "of the head with D_deg (DMD2's guidance loss: denoising plus gan_head_weight x the head's loss on "
+                    "diffused real data against diffused initial-generator samples, the head reading D_deg's "
+                    "features), saving head^(k) beside D^(k); the run starts the head from head^(N) with the fake "
+                    "score from D^(N), and each switch to target D^(k) loads head^(k) (head^(0): the head as built). "
+                    "The reference code records the head this way (its checkpoints hold the whole guidance model) "
+                    "but at a switch loads only into its real score (and there nothing, under mismatched key "
+                    "prefixes). false: the head trains from scratch, the path holds D_deg alone. base dmd2 with gan "
+                    "only; class-conditional or unconditional teachers; not under loop.fsdp.")
     switch_threshold: float | None = Field(
         None, gt=0,
         description="Also move on once the score mismatch on the current target (the generator's logged "
@@ -223,6 +242,14 @@ class DisBackConfig(BaseModel):
                              f"copy of the teacher")
         if self.switch_every is None and self.switch_threshold is None:
             raise ValueError("set switch_every or switch_threshold (or both): otherwise the target never moves")
+        if self.head_along_path:
+            gan = self.base == "dmd2" and (self.dmd2 is None or self.dmd2.gan)
+            if not gan:
+                raise ValueError("head_along_path records DMD2's GAN head: it needs base: dmd2 with dmd2.gan: true; "
+                                 "set head_along_path: false")
+            if self.loop.fsdp:
+                raise ValueError("head_along_path restores the GAN head in place, which a sharded guidance player "
+                                 "does not allow; set head_along_path: false or loop.fsdp: false")
         other = "add" if self.base == "dmd2" else "dmd2"
         if getattr(self, other) is not None:
             raise ValueError(f"{other}: options of base {other!r} given, but base is {self.base!r}")
@@ -267,6 +294,7 @@ class BaseSpec:
         generator_player: the player whose loss holds the score term.
         mismatch_stat: the generator stat measuring the mismatch between the real score and the fake one.
         record_lr: the default recording learning rate from the method's config.
+        head: the method's GAN head on its fake score (``head_along_path``), or None.
     """
 
     name: str
@@ -277,6 +305,7 @@ class BaseSpec:
     mismatch_stat: str
     record_lr: Callable[[Any], float]
     generator_player: str = "generator"
+    head: Callable[[Method], nn.Module | None] = lambda m: None
 
 
 def _dmd2_cls() -> type:
@@ -301,7 +330,7 @@ BASES: dict[str, BaseSpec] = {
     "dmd2": BaseSpec(
         name="dmd2", method_cls=_dmd2_cls, real_attr="teacher", rederive=_dmd2_rederive,
         fake=lambda m: _unwrap(m.players["guidance"].module).fake, mismatch_stat="score_mismatch",
-        record_lr=lambda cfg: cfg.lr_fake),
+        record_lr=lambda cfg: cfg.lr_fake, head=lambda m: _unwrap(m.players["guidance"].module).head),
     # ADD's score-distillation term calls score_distillation_loss(self.teacher, ...) at every step; it has no fake
     # score, so its mismatch is the target's residual on the student's samples, distill_mse.
     "add": BaseSpec(
@@ -352,9 +381,32 @@ class RecordSettings:
                 "mixed_precision": self.mixed_precision}
 
 
-def path_key(teacher: Denoiser, generator: Denoiser, timesteps: Tensor, settings: RecordSettings) -> str:
+@dataclass(frozen=True)
+class HeadRecording:
+    """What the recording needs to train the GAN head with ``D_deg`` (``head_along_path``).
+
+    Args:
+        head: the wrapped method's head as built (copied, not modified; its state is ``head^(0)``).
+        x: real training data ``(N, ...)``, in the teacher's sample space.
+        labels: their classes ``(N,)`` (class-conditional teachers), or None.
+        weight: the head loss's weight in the recording's loss (DMD2's ``gan_head_weight``).
+    """
+
+    head: nn.Module
+    x: Tensor
+    labels: Tensor | None
+    weight: float
+
+    def key(self) -> dict[str, Any]:
+        data = {"x": self.x} if self.labels is None else {"x": self.x, "labels": self.labels}
+        return {"head": state_hash(self.head.state_dict()), "data": state_hash(data), "weight": self.weight}
+
+
+def path_key(teacher: Denoiser, generator: Denoiser, timesteps: Tensor, settings: RecordSettings,
+             head: HeadRecording | None = None) -> str:
     """The cache key of a degradation path: a hash of the teacher's weights, the initial generator's weights, its
-    sampling times, the schedule and parameterisation, and every recording setting."""
+    sampling times, the schedule and parameterisation, and every recording setting (and, with the GAN head, its
+    initial weights, the real data and the head loss's weight)."""
     material = {
         "format": PATH_FORMAT, "version": PATH_VERSION,
         "teacher": state_hash(teacher.net.state_dict()),
@@ -367,6 +419,8 @@ def path_key(teacher: Denoiser, generator: Denoiser, timesteps: Tensor, settings
         "prompts": _prompt_hash(teacher),
         "settings": settings.as_dict(),
     }
+    if head is not None:  # only then: the keys of paths without a head stay as they were
+        material["gan_head"] = head.key()
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -400,6 +454,22 @@ class DegradationPath:
             raise UserError(f"{self.file(k)} is not a readable safetensors file ({e}); the degradation path in "
                             f"{self.dir} is damaged: remove that folder and it is recorded again") from None
 
+    def head_file(self, k: int) -> Path:
+        """The safetensors file of ``head^(k)``, ``0 <= k <= N`` (recorded with ``head_along_path``)."""
+        assert 0 <= k <= self.checkpoints, k
+        return self.dir / f"head_{k:03d}.safetensors"
+
+    def head_state(self, k: int) -> dict[str, Tensor]:
+        """The GAN head's state recorded at ``D^(k)`` (``k = 0``: the head as built, before the recording)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.head_file(k)))
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{self.head_file(k)} is not a readable safetensors file ({e}); the degradation path in "
+                            f"{self.dir} is damaged: remove that folder and it is recorded again") from None
+
     def load_into(self, denoiser: Denoiser, k: int) -> None:
         """Load ``D^(k)`` into ``denoiser`` (strict: every key, no prefix games)."""
         from ..models.lora import load_network_state  # a LoRA fake score: into its base weights, adapters reset
@@ -421,6 +491,13 @@ def _save_checkpoint(denoiser: Denoiser, path: Path, meta: dict[str, Any]) -> No
         pass
 
 
+def _save_head(head: nn.Module, path: Path) -> None:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    atomic_write(path, lambda f: f.write(save(state)))
+
+
 def open_degradation_path(root: str | Path, key: str, teacher: Denoiser) -> DegradationPath | None:
     """The complete path cached under ``root/key``, or None (a missing manifest means an unfinished recording)."""
     folder = Path(root) / key
@@ -435,6 +512,8 @@ def open_degradation_path(root: str | Path, key: str, teacher: Denoiser) -> Degr
         return None
     path = DegradationPath(folder, key, int(info["checkpoints"]), teacher, recorded=False, info=info)
     if not all(path.file(k).is_file() for k in range(1, path.checkpoints + 1)):
+        return None
+    if info.get("gan_head") and not all(path.head_file(k).is_file() for k in range(path.checkpoints + 1)):
         return None
     return path
 
@@ -479,6 +558,7 @@ def record_degradation_path(
     root: str | Path,
     device: Any = None,
     progress: bool = False,
+    head: HeadRecording | None = None,
 ) -> DegradationPath:
     """Stage 1 of DisBack: the teacher's degradation path towards ``generator``'s distribution, cached in ``root``.
 
@@ -486,6 +566,11 @@ def record_degradation_path(
     ``len(timesteps)``-step student sampler), and saved every ``settings.every`` iterations as ``D^(1..N)``. When
     ``root/<key>`` already holds this path (same teacher weights, generator weights, timesteps and settings) it is
     returned without training (``recorded`` False).
+
+    With ``head`` (``head_along_path``) a copy of the GAN head trains with ``D_deg`` under DMD2's guidance loss: the
+    denoising loss plus ``head.weight`` times the head's non-saturating loss on its features of diffused real data
+    (drawn uniformly, with their labels) against diffused generator samples; ``head^(k)`` is saved beside ``D^(k)``
+    and ``head^(0)`` is the head as given.
 
     Args:
         teacher: the teacher denoiser (not modified).
@@ -495,8 +580,9 @@ def record_degradation_path(
         root: the cache folder; the path goes to ``root/<key>/``.
         device: where to train (default: the teacher's device).
         progress: show a progress bar.
+        head: record the GAN head too (see above), or None.
     """
-    key = path_key(teacher, generator, timesteps, settings)
+    key = path_key(teacher, generator, timesteps, settings, head)
     cached = open_degradation_path(root, key, teacher)
     if cached is not None:
         return cached
@@ -516,8 +602,11 @@ def record_degradation_path(
                 if p.is_floating_point():
                     p.data = p.data.to(torch.bfloat16)
     ts = timesteps.to(device)
-    opt = torch.optim.AdamW(deg.parameters(), lr=settings.lr, betas=settings.betas,
-                            weight_decay=settings.weight_decay)
+    gan = copy.deepcopy(head.head).to(device).train().requires_grad_(True) if head is not None else None
+    if gan is not None:
+        _save_head(gan, folder / "head_000.safetensors")
+    trained = [*deg.parameters(), *(gan.parameters() if gan is not None else [])]  # DMD2: one guidance optimizer
+    opt = torch.optim.AdamW(trained, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / settings.warmup)) \
         if settings.warmup > 0 else None
     autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
@@ -544,10 +633,22 @@ def record_degradation_path(
                 cond = _drop_condition(teacher, gen_cond, drop.to(device))
             with autocast():
                 loss = deg.denoising_loss(x0, t, eps, cond).mean()
+            if gan is not None:
+                assert head is not None
+                idx = torch.randint(0, len(head.x), (n,), generator=rng)
+                real_cond = None if head.labels is None else head.labels[idx].to(device)
+                t_real, t_fake = (schedule.sample_train_t(n, generator=rng).to(device) for _ in range(2))
+                x_real_t = schedule.add_noise(head.x[idx].to(device), torch.randn((n, *shape), generator=rng)
+                                              .to(device), t_real)
+                x_fake_t = schedule.add_noise(x0, torch.randn((n, *shape), generator=rng).to(device), t_fake)
+                with autocast():
+                    gan_d = nonsaturating_d_loss(gan(deg.features(x_real_t, t_real, real_cond)),
+                                                 gan(deg.features(x_fake_t, t_fake, gen_cond)))
+                loss = loss + head.weight * gan_d
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(deg.parameters(), settings.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained, settings.grad_clip)
             opt.step()
             if warm is not None:
                 warm.step()
@@ -559,6 +660,8 @@ def record_degradation_path(
                 window = []
                 _save_checkpoint(deg, folder / f"step_{k:03d}.safetensors", {"path_key": key, "index": k,
                                                                                "iteration": i + 1})
+                if gan is not None:
+                    _save_head(gan, folder / f"head_{k:03d}.safetensors")
     finally:
         bar.close()
     info = {
@@ -569,6 +672,7 @@ def record_degradation_path(
         "recording_loss": losses,  # mean denoising loss on initial-generator samples over each interval
         "iterations": settings.iterations, "seconds": round(time.perf_counter() - start, 3),
         "files": [f"step_{k:03d}.safetensors" for k in range(1, settings.checkpoints + 1)],
+        "gan_head": head is not None,
     }
     atomic_write_json(folder / "path.json", info)  # written last: its presence marks a complete path
     return DegradationPath(folder, key, settings.checkpoints, teacher, recorded=True, info=info)
@@ -759,6 +863,14 @@ class DisBackMethod(Method):
         # a snapshot: the recording needs the generator as it starts, whenever it runs (freed once the path is ready)
         self.initial_generator: Denoiser | None = copy.deepcopy(self.base.inference_model()).eval().requires_grad_(False)
         self.key = path_key(teacher, self.initial_generator, self.timesteps, self.settings)
+        #: head_along_path: the head's recording (its key needs the data: set in prepare) and the k of every head^(k)
+        #: restored in this session
+        self.head_recording: HeadRecording | None = None
+        self.head_restores: list[int] = []
+        if cfg.head_along_path and (getattr(teacher, "text_conditional", False) or self.spec.head(self.base) is None):
+            raise UserError("head_along_path: the recording trains DMD2's GAN head on labelled or unconditional "
+                            "data; this teacher is text-to-image (or the method has no head): set head_along_path: "
+                            "false")
         self.path: DegradationPath | None = None
         self._loaded: int | None = None  # k of the checkpoint now in self.target
 
@@ -782,12 +894,17 @@ class DisBackMethod(Method):
 
         device = device if device is not None else next(self.target.parameters()).device
         root = self.path_root()
+        if self.cfg.head_along_path:
+            self.head_recording = self._head_recording()
+            assert self.initial_generator is not None
+            self.key = path_key(self.teacher, self.initial_generator, self.timesteps, self.settings,
+                                self.head_recording)
         state = PartialState()
         path = None
         if state.is_main_process:
             assert self.initial_generator is not None
             path = record_degradation_path(self.teacher, self.initial_generator, self.timesteps, self.settings, root,
-                                           device=device, progress=self.cfg.loop.progress)
+                                           device=device, progress=self.cfg.loop.progress, head=self.head_recording)
             assert path.key == self.key
         state.wait_for_everyone()
         if path is None:
@@ -800,6 +917,9 @@ class DisBackMethod(Method):
         fake = self.spec.fake(self.base)
         if fake is not None:  # the fake score starts from D^(N): it already fits the initial generator
             path.load_into(fake, path.checkpoints)
+        if self.cfg.head_along_path:  # and its head from head^(N), recorded on D^(N)'s features
+            self.restore_head(path.checkpoints)
+        self.head_recording = None  # the real data it held is the loop's; nothing else needs it
         self._loaded = None
         self._sync_target()
         if state.is_main_process and self.run_dir is not None:
@@ -808,6 +928,29 @@ class DisBackMethod(Method):
                                "recorded_by_this_run": path.recorded,
                                "recording_iterations": self.settings.iterations if path.recorded else 0})
         return path
+
+    def _head_recording(self) -> HeadRecording:
+        data = self.dataset
+        if data is None or getattr(data, "x", None) is None:
+            raise UserError("head_along_path: the recording trains the GAN head on real data, but the method was "
+                            "given none (the training loop sets it; from Python set method.dataset first)")
+        labels = getattr(data, "labels", None) if self.teacher.num_classes > 0 else None
+        if self.teacher.num_classes > 0 and labels is None:
+            raise UserError("head_along_path: the teacher is class-conditional but the data has no labels; give "
+                            "labelled data or set head_along_path: false")
+        head = self.spec.head(self.base)
+        assert head is not None
+        return HeadRecording(_unwrap(head), data.x, labels, float(self.cfg.base_config().gan_head_weight))
+
+    def restore_head(self, k: int) -> None:
+        """Load ``head^(k)``, recorded along the path, into the wrapped method's GAN head (in place, strict: the
+        optimizer keeps its parameters and their moments)."""
+        assert self.path is not None
+        head = self.spec.head(self.base)
+        assert head is not None
+        with torch.no_grad():
+            head.load_state_dict(self.path.head_state(k), strict=True)
+        self.head_restores.append(k)
 
     def _sync_target(self) -> None:
         """Load the current stage's checkpoint into the target copy when it is not there yet."""
@@ -834,13 +977,16 @@ class DisBackMethod(Method):
         switch every N generator updates happens at iteration 5N, on the update that first uses the new target)."""
         players = self.base.updates(it)
         generator = self.spec.generator_player in players
+        moved = False
         if self.cfg.switch_unit == "iterations":
-            self.backtrack.advance(it, it)
+            moved = self.backtrack.advance(it, it)
         elif generator:
-            self.backtrack.advance(self.generator_updates, it)
+            moved = self.backtrack.advance(self.generator_updates, it)
         if generator:
             self.generator_updates += 1
         self._sync_target()
+        if moved and self.cfg.head_along_path:  # a switch (not a resume's reload): the head recorded at the target
+            self.restore_head(self.backtrack.target_index)
         return players
 
     def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, Any]]:
@@ -888,6 +1034,7 @@ __all__ = [
     "DisBackMethod",
     "BaseSpec",
     "BASES",
+    "HeadRecording",
     "Backtrack",
     "DegradationPath",
     "RecordSettings",

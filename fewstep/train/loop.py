@@ -94,6 +94,7 @@ SAFE_TO_CHANGE_ON_RESUME = frozenset({
     "loop.checkpoint_minutes",
 })
 MAX_CONSECUTIVE_NONFINITE = 10
+CLOCK_EVERY = 10  # multi-process runs: iterations between the main process's wall-time checkpoint decisions
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -107,11 +108,16 @@ def step_seed(seed: int, rank: int, it: int, stream: int = 0) -> int:
 
 
 def set_random_seed(seed: int, rank: int, it: int) -> None:
-    """Reseed torch (CPU and CUDA), numpy and ``random`` for iteration ``it`` on process ``rank``."""
+    """Reseed torch (CPU and CUDA), numpy and ``random`` for iteration ``it`` on process ``rank``.
+
+    The generators ``torch.manual_seed`` seeds (the CPU's and, when there are any, the GPUs'), without its calls
+    into the other backends (MPS, XPU, MTIA: 0.3 ms a step on 2 CPU cores): the same seeds, so the same draws."""
     s = step_seed(seed, rank, it)
     random.seed(s)
     np.random.seed(s % (1 << 32))
-    torch.manual_seed(s)
+    torch.default_generator.manual_seed(s)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(s)  # queued until CUDA initialises, as torch.manual_seed does
 
 
 def batch_generator(seed: int, rank: int, it: int) -> torch.Generator:
@@ -627,6 +633,7 @@ def _set_up(method: Method, dataset: Any, cfg: LoopConfig, run_dir: Path, resume
             raise UserError(f"an EMA of player(s) {with_ema} is not supported under FSDP (it would need the full "
                             f"weights on every process); set the method's ema_decay to null or train with DDP")
     method.run_dir = run_dir
+    method.dataset = dataset
     method.to(accelerator.device)  # frozen teachers and precomputed tensors (DisBack records its path here)
     run_config = config.model_dump(mode="json") if config is not None else {"loop": cfg.model_dump(mode="json")}
     return _Run(method, cfg, run_dir, accelerator, x, getattr(dataset, "labels", None), fsdp, run_config)
@@ -750,7 +757,7 @@ def _update(run: _Run, name: str, batch: Batch, it: int) -> None:
         if name in run.replicated:
             average_gradients(player.module, accelerator.device)
         if player.grad_clip is not None:
-            norm = _to_float(accelerator.clip_grad_norm_(player.module.parameters(), player.grad_clip))
+            norm = _to_float(_clip_gradients(run, name, player))
             # with fp16 an inf norm is the grad scaler's business (it skips the step itself)
             if not math.isfinite(norm) and accelerator.scaler is None:
                 ok = False
@@ -764,7 +771,8 @@ def _update(run: _Run, name: str, batch: Batch, it: int) -> None:
         run.latest_loss[name] = loss_value
         for key, value in {"loss": loss_value, **stats}.items():
             acc = run.window.setdefault(f"{name}/{key}", [0.0, 0.0])
-            acc[0] += _to_float(value)
+            # tensors stay on their device (no host sync a stat) and sum in float64, as the floats they replace
+            acc[0] = acc[0] + (value.detach().float().double() if torch.is_tensor(value) else float(value))
             acc[1] += 1.0
     else:
         run.nonfinite_total += 1
@@ -779,11 +787,32 @@ def _update(run: _Run, name: str, batch: Batch, it: int) -> None:
                         f"lower the learning rate (or enable gradient clipping)")
 
 
+def _clip_gradients(run: _Run, name: str, player: Any) -> Any:
+    """Clip ``player``'s gradients to ``grad_clip`` and return their norm before clipping: Accelerate's call (it
+    unscales fp16 gradients first) with PyTorch's multi-tensor kernels for an unsharded player (on CPUs PyTorch
+    otherwise clips tensor by tensor); a sharded player's norm is FSDP's business."""
+    accelerator = run.accelerator
+    if run.sharded.get(name):
+        return accelerator.clip_grad_norm_(player.module.parameters(), player.grad_clip)
+    accelerator.unscale_gradients()
+    params = [p for p in player.module.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, player.grad_clip, foreach=True)
+
+
+def _window_floats(window: dict[str, list[Any]]) -> dict[str, list[float]]:
+    """The log window with its sums as floats (one host sync for all the device tensors among them)."""
+    keys = [k for k, (s, _) in window.items() if torch.is_tensor(s)]
+    device = window[keys[0]][0].device if keys else None
+    values = torch.stack([window[k][0].reshape(()).to(device) for k in keys]).tolist() if keys else []
+    floats = dict(zip(keys, values))
+    return {k: [floats.get(k, s), float(c)] for k, (s, c) in window.items()}
+
+
 def _log(run: _Run, step: int, log_fn: Callable[[dict[str, Any]], None] | None) -> None:
     """One row of means since the last one: ``metrics.jsonl``, TensorBoard and ``log_fn`` (main process)."""
     accelerator = run.accelerator
     row: dict[str, Any] = {"it": step}
-    row.update(_window_means(accelerator, run.window))
+    row.update(_window_means(accelerator, _window_floats(run.window)))
     for name, player in run.method.players.items():
         row[f"{name}/lr"] = float(player.optimizer.param_groups[0]["lr"])
     row["nonfinite_skipped"] = run.nonfinite_total
@@ -812,11 +841,12 @@ def _sample_due(run: _Run, step: int) -> bool:
 
 def _checkpoint_due(run: _Run, step: int) -> bool:
     """Every ``checkpoint_every`` iterations, at the end, and once ``checkpoint_minutes`` have passed since the last
-    one. The main process's clock decides for every process (one broadcast a step), so all of them write together."""
+    one. The main process's clock decides for every process, so all of them write together: with several processes
+    it is asked every :data:`CLOCK_EVERY` iterations (a broadcast and a host sync each time, not every step)."""
     cfg = run.cfg
     if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
         return True
-    if cfg.checkpoint_minutes is None:
+    if cfg.checkpoint_minutes is None or (run.world > 1 and step % CLOCK_EVERY):
         return False
     due = _now() - run.last_checkpoint_time >= 60.0 * cfg.checkpoint_minutes
     if run.world > 1:
@@ -834,7 +864,7 @@ def _save_checkpoint(run: _Run, step: int) -> None:
     serialised; too little, or a write that fails after all, stops every process with the main process's line."""
     path = checkpoint_path(run.run_dir, step)
     _raise_on_every_process(run, _no_room(run, path) if run.main else None)
-    log_state = {"window": run.window, "nonfinite_skipped": run.nonfinite_total,
+    log_state = {"window": _window_floats(run.window), "nonfinite_skipped": run.nonfinite_total,
                  "consecutive_nonfinite": run.consecutive_bad}
     ckpt = _checkpoint(run.method, run.emas, run.accelerator, step, log_state, run.elapsed, run.run_config,
                        run.sharded)
