@@ -1,48 +1,15 @@
 """Shared pieces of the benchmark scripts: the one result format (DESIGN.md), seed averaging, tables."""
 from __future__ import annotations
 
-import datetime as _dt
-import os
-import statistics
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
-
+# the result format's pieces live in the package (fewstep bench writes the same shape); re-exported for the scripts
+from fewstep.bench.results import average, fmt, machine, markdown_table, meta, method_columns  # noqa: F401
 from fewstep.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores, {gpu}"
-
-
-def meta(seeds: Iterable[int], **extra: Any) -> dict[str, Any]:
-    return {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "torch": torch.__version__.split("+")[0],
-        "seeds": list(seeds),
-        **extra,
-    }
-
-
-def average(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Average the numeric metrics of per-seed rows; numbers that vary get a ``<name>_std`` beside them."""
-    out = dict(rows[0])
-    for key, value in rows[0].items():
-        if key in ("steps", "nfe", "iterations") or not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        values = [r[key] for r in rows if r.get(key) is not None]
-        out[key] = statistics.fmean(values)
-        if len(values) > 1:
-            out[f"{key}_std"] = statistics.stdev(values)
-    return out
 
 
 def write_results(name: str, meta_: dict[str, Any], rows: list[dict[str, Any]], by_data: bool = False) -> Path:
@@ -87,22 +54,6 @@ def _merge_results(path: Path, meta_: dict[str, Any], rows: list[dict[str, Any]]
     return atomic_write_json(path, {"meta": meta_, "rows": rows})
 
 
-def fmt(v: Any, std: Any = None) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        s = f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return f"{s} ± {std:.2g}" if std is not None else s
-    return str(v)
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c), r.get(f"{c}_std")) for c in columns) + " |")
-    return "\n".join(lines)
-
-
 TEACHER_SETTINGS = [("ddim", 1), ("ddim", 2), ("ddim", 4), ("heun", 32)]
 
 
@@ -110,13 +61,6 @@ def row_line(r: dict[str, Any]) -> str:
     key = "fid" if r.get("fid") is not None else "sliced_w"
     return (f"{r['data']:>8} {r['method']:>9} {r['variant']:>12} steps {r['steps']:>2} nfe {r['nfe']:>3}  "
             f"{key} {r[key]:.4g}")
-
-
-def method_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The README columns of a method table: image metrics when the rows have an FID, 2-D ones otherwise."""
-    if rows[0].get("fid") is not None:
-        return ["method", "variant", "steps", "nfe", "fid", "precision", "recall", "class_accuracy", "wall_seconds"]
-    return ["method", "variant", "steps", "nfe", "sliced_w", "modes_covered", "high_quality", "wall_seconds"]
 
 
 def print_tables(rows: list[dict[str, Any]], datas: Iterable[str]) -> None:

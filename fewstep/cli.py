@@ -266,6 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--rank", type=_positive_int("--rank"), default=64,
                     help="LoRA rank of the SVD extraction of a full-weight student (--format lora)")
 
+    # fewstep bench
+    be = sub.add_parser("bench", help="every method from the same teacher over seeds and steps: bench.json, one report")
+    be.add_argument("--data", default="digits,grid25", help=f"embedded data sets, comma-separated ({teachers})")
+    be.add_argument("--methods", default=",".join(METHOD_NAMES), help="distillation methods, comma-separated")
+    be.add_argument("--steps", default="1,2,4", help=f"student steps, comma-separated (1..{MAX_STUDENT_STEPS})")
+    be.add_argument("--seeds", default="3", help="training seeds: 0 .. SEEDS-1 (each also the evaluation seed)")
+    be.add_argument("--out", default=None, help="bench folder: results, report and the cache of runs (an earlier "
+                    "bench's folder is reused: finished runs are not trained again, an interrupted one resumes)")
+    be.add_argument("--iterations", default=None, help="override the configs' loop.iterations (quick runs)")
+    be.add_argument("--n", default="2000", help="evaluation samples per model and seed")
+    be.add_argument("--teacher-steps", default="1,2,4,8,16,32",
+                    help="the teacher's frontier: every sampler at these steps")
+    be.add_argument("--remeasure", action="store_true", help="measure again instead of reusing cached evaluations")
+    be.add_argument("--tables", default=None, metavar="BENCH_JSON",
+                    help="print the README's markdown tables of a bench.json (or a bench folder) and exit")
+
     # fewstep zoo build | list
     zo = sub.add_parser("zoo", help="list or rebuild the shipped embedded weights")
     zsub = zo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
@@ -329,7 +345,7 @@ def _cmd_teacher_train(a: argparse.Namespace) -> None:
         _say(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return
     model = train_teacher(cfg, out, resume=a.resume, restart=a.restart, sample_fn=teacher_sample_writer(cfg.data))
-    _say(f"teacher written to {model}.safetensors")
+    _say(f"teacher written to {model}" + ("" if model.is_dir() else ".safetensors"))
 
 
 def _cmd_teacher_sample(a: argparse.Namespace) -> None:
@@ -460,6 +476,26 @@ def _cmd_zoo(a: argparse.Namespace) -> None:
     _say(f"{a.name} written to {path}.safetensors")
 
 
+def _cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import make_plan, print_tables, run_bench
+
+    if a.tables is not None:
+        _say(print_tables(a.tables))
+        return
+    if a.out is None:
+        raise UserError("fewstep bench needs --out DIR (the folder of results and cached runs), or --tables FILE")
+    plan = make_plan(a.out, a.data, a.methods, a.steps, a.seeds, n=a.n, iterations=a.iterations,
+                     teacher_steps=a.teacher_steps)
+    try:
+        run_bench(plan, progress=_is_main_process(), command="fewstep " + " ".join(sys.argv[1:]),
+                  remeasure=a.remeasure)
+    except KeyboardInterrupt:
+        sys.stderr.write("fewstep: interrupted; run the same command again: finished runs are reused and the "
+                         "interrupted one resumes from its last checkpoint\n")
+        raise SystemExit(130) from None
+    _say(f"wrote {plan.out / 'bench.json'} and {plan.out / 'report.html'}")
+
+
 def _cmd_export(a: argparse.Namespace) -> None:
     from .export import FORMATS, export
 
@@ -484,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     handlers = {"eval": _cmd_eval, "demo": _cmd_demo, "zoo": _cmd_zoo, "distill": _cmd_distill,
-                "sample": _cmd_sample, "export": _cmd_export}
+                "sample": _cmd_sample, "export": _cmd_export, "bench": _cmd_bench}
     try:
         if a.command == "teacher":
             (_cmd_teacher_train if a.teacher_command == "train" else _cmd_teacher_sample)(a)

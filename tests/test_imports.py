@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("student",),
     ("methods",),
     ("train",),
-    ("api", "distillation", "report", "export", "zoo", "demo"),
+    ("api", "distillation", "report", "export", "zoo", "demo", "bench"),
     ("cli", ""),  # "" is the package itself (it imports the API lazily, by name)
 ]
 

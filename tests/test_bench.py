@@ -1,0 +1,136 @@
+"""``fewstep bench``: a tiny plan writes bench.json in the one result shape and a self-contained report.html; a second
+invocation trains and measures nothing again; an interrupted plan resumes its half-finished run from its checkpoint;
+bad options are one line and exit status 2."""
+from __future__ import annotations
+
+import html.parser
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fewstep.api
+import fewstep.distillation
+from fewstep import cli
+from fewstep.bench import make_plan, run_bench
+from fewstep.bench.runs import CONFIGS, train_run
+from fewstep.train import loop
+
+TINY = dict(data="grid25", methods="dmd2,add", steps="1", seeds=1, n=40, iterations=3, teacher_steps="1,2")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One tiny plan, run once for the tests of this module: ``(out, result)``."""
+    out = tmp_path_factory.mktemp("bench") / "b"
+    return out, run_bench(make_plan(out, **TINY), progress=False)
+
+
+class _Page(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.links.extend((tag, k, v) for k, v in attrs if k in ("src", "href") and v is not None)
+
+
+def test_tiny_plan_writes_the_result_shape_and_a_self_contained_report(bench):
+    out, result = bench
+    assert json.loads((out / "bench.json").read_text()) == result
+    m = result["meta"]
+    assert {"command", "date", "machine", "torch", "seeds"} <= set(m) and m["seeds"] == [0] and m["n"] == 40
+    teacher = [r for r in result["rows"] if r["method"] == "teacher"]
+    students = [r for r in result["rows"] if r["method"] != "teacher"]
+    assert sorted((r["variant"], r["steps"]) for r in teacher) == sorted(
+        (s, k) for s in ("ddim", "euler", "heun") for k in (1, 2))
+    assert [r["nfe"] for r in teacher if r["variant"] == "heun"] == [1, 3]  # Heun: 2 steps - 1 evaluations
+    assert [(r["method"], r["steps"], r["nfe"], r["iterations"]) for r in students] == [("dmd2", 1, 1, 3),
+                                                                                        ("add", 1, 1, 3)]
+    for r in result["rows"]:
+        assert r["data"] == "grid25" and r["sliced_w"] > 0 and "fid" not in r and r["seconds_per_1000"] > 0
+    for r in students:
+        assert r["wall_seconds"] > 0 and r["peak_memory_gb"] > 0 and r["step_efficiency"] is None
+
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    images = [v for tag, k, v in page.links if tag == "img"]
+    # the frontier, the teacher at 1, 4 and 63 NFE and the two students from the same noise, the convergence curves
+    assert len(images) == 1 + 3 + 2 + 1
+    assert all(v.startswith("data:image/png;base64,") for _, _, v in page.links)  # nothing outside the page
+    assert "table" in page.tags and "script" not in page.tags
+    for name in ("frontier_grid25.png", "convergence_grid25.png", "samples/grid25_dmd2_1-step.png",
+                 "samples/grid25_teacher_heun_32_steps.png"):
+        assert (out / name).is_file()
+
+
+def test_a_second_invocation_trains_and_measures_nothing(bench, monkeypatch):
+    out, result = bench
+    calls = []
+    for module, name in ((fewstep.distillation, "distill"), (fewstep.api, "evaluate")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    students = sorted(out.glob("runs/*/run/student.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in students]
+    again = run_bench(make_plan(out, **TINY), progress=False)
+    assert calls == []
+    assert len(students) == 2 and [p.stat().st_mtime_ns for p in students] == mtimes
+    assert again["rows"] == result["rows"]
+
+
+def test_tables_print_from_bench_json(bench, capsys):
+    out, _ = bench
+    assert cli.main(["bench", "--tables", str(out / "bench.json")]) == 0
+    text = capsys.readouterr().out
+    assert "**grid25** (sliced W; lower is better)" in text and "| sampler | NFE 1 | NFE 2 | NFE 4 |" in text
+    assert "| dmd2 | 1 | 1 |" in text and "| add | 1 | 1 |" in text
+
+
+def test_an_interrupted_plan_resumes_its_run_from_the_checkpoint(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    text = (CONFIGS / "add_grid25.yaml").read_text()
+    assert "checkpoint_every: 500" in text
+    (configs / "add_grid25.yaml").write_text(text.replace("checkpoint_every: 500", "checkpoint_every: 2"))
+    options = dict(data="grid25", methods="add", steps="1", seeds=1, n=20, iterations=4, teacher_steps="1",
+                   config_dir=configs)
+    plan = make_plan(tmp_path / "b", **options)
+    real = loop._save_checkpoint
+
+    def save_then_stop(run, step):
+        real(run, step)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(plan, progress=False)
+    (run,) = plan.runs
+    assert [p.name for p in loop.list_checkpoints(run.run_dir)] == ["step_00000002.pt"] and not run.finished()
+    monkeypatch.setattr(loop, "_save_checkpoint", real)
+    run_bench(make_plan(tmp_path / "b", **options), progress=False)
+    assert json.loads(run.record_path.read_text())["resumed"] is True
+    # the resumed student equals one trained without interruption
+    (fresh,) = make_plan(tmp_path / "fresh", **options).runs
+    train_run(fresh, code="")
+    a, b = load_file(run.run_dir / "student.safetensors"), load_file(fresh.run_dir / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "dmd2,foo"], "unknown method 'foo'"),
+    (["--steps", "1,0"], "--steps must be from 1 to 8, got 0"),
+    (["--seeds", "0"], "--seeds must be from 1 to 1000, got 0"),
+    (["--data", "mnist"], "--data 'mnist'"),
+    ([], None),  # no --out
+])
+def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    out = ["--out", str(tmp_path / "b")] if args else []
+    assert cli.main(["bench", *args, *out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fewstep: error: ") and (message or "--out") in err
+    assert not Path(tmp_path / "b").exists()
