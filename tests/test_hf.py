@@ -429,7 +429,10 @@ def test_distill_on_a_diffusers_teacher_writes_a_report(folders, tmp_path, monke
     distill(out=out, **common)
     html = (out / "report.html").read_text()
     assert "FID: not measured" in html and WEIGHTS_FILE in html and "--inception-weights" in html
-    assert "samples/step_" in html and "curves/" in html  # the grids and the loss curves are there
+    # the grids and the loss curves are there, embedded (no NFE curve: no quality metric without the weights)
+    assert "<figcaption>step 00000" in html and "<figcaption>generator/" in html and "against NFE" not in html
+    assert html.count('<img src="data:image/png;base64,') == len(list(out.glob("samples/*.png"))) + len(
+        list(out.glob("curves/*.png")))
     rows = json.loads((out / "eval.json").read_text())
     assert [r["model"] for r in rows] == ["student", "teacher (ddim)", "teacher (heun)"]
     assert [r["nfe"] for r in rows] == [1, 1, 63] and all(r["seconds_per_1000"] > 0 for r in rows)
@@ -457,6 +460,7 @@ def test_distill_on_a_diffusers_teacher_writes_a_report(folders, tmp_path, monke
     assert all(np.isfinite(r["inception_fid"]) for r in rows)
     html = (tmp_path / "run2" / "report.html").read_text()
     assert "inception_fid" in html and "not measured" not in html
+    assert "inception_fid against NFE" in html and (tmp_path / "run2" / "nfe_curve.png").is_file()
 
 
 def test_distill_on_an_image_folder_teacher_writes_a_report(tmp_path, monkeypatch, capsys):
