@@ -13,10 +13,11 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _API = {"load_teacher": ".api", "load_model": ".api", "sample": ".api", "generate": ".api", "evaluate": ".api",
-        "distill": ".distillation", "export": ".export", "Student": ".student", "Denoiser": ".diffusion.denoiser",
+        "distill": ".distillation", "export": ".export", "Student": ".student", "load_student": ".student",
+        "save_student": ".student", "wrap": ".models.module", "Denoiser": ".diffusion.denoiser",
         "CFGDenoiser": ".diffusion.denoiser", "UserError": ".errors"}
-__all__ = ["load_teacher", "load_model", "distill", "export", "sample", "generate", "evaluate", "Student", "Denoiser",
-           "CFGDenoiser", "UserError"]
+__all__ = ["load_teacher", "load_model", "wrap", "distill", "export", "sample", "generate", "evaluate", "Student",
+           "load_student", "save_student", "Denoiser", "CFGDenoiser", "UserError"]
 
 
 def __getattr__(name: str) -> Any:

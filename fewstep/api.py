@@ -31,14 +31,16 @@ class _NoTeacher(UserError):
     """Nothing loadable at a teacher spec (:func:`load_model` then names students too)."""
 
 
-def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.dtype | None = None) -> Denoiser:
+def load_teacher(spec: str | Path | torch.nn.Module, resolution: int | None = None,
+                 dtype: torch.dtype | None = None) -> Denoiser:
     """Load a teacher denoiser.
 
     Args:
         spec: an embedded name (``digits``, ``ring8``, ``grid25``, ``moons``, ``checkerboard``, ``swissroll``), a run
             directory written by ``fewstep teacher train``, the path of a saved ``.safetensors``/``.json`` pair, or
             a local diffusers folder (a pipeline with ``model_index.json`` or a bare model; see
-            :mod:`fewstep.models.hf`).
+            :mod:`fewstep.models.hf`); or a :class:`Denoiser` already built (``fewstep.wrap(module, ...)``), returned
+            as it is.
         resolution: diffusers folders only: the image side to work at (default: the model's own).
         dtype: diffusers folders only: the dtype to load the model and its text encoders and VAE in (default
             float32).
@@ -46,6 +48,8 @@ def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.d
     Returns:
         The denoiser in eval mode without gradients; its saved description is in ``.info``.
     """
+    if isinstance(spec, torch.nn.Module):
+        return as_teacher(spec)
     spec_s = str(spec)
     path = Path(spec_s)
     if spec_s in zoo.TEACHERS:
@@ -91,11 +95,99 @@ def load_teacher(spec: str | Path, resolution: int | None = None, dtype: torch.d
     return den
 
 
+def as_teacher(module: torch.nn.Module) -> Denoiser:
+    """``module`` when it is a :class:`Denoiser`; a plain module is a one-line :class:`UserError` naming
+    :func:`fewstep.wrap`."""
+    if isinstance(module, Denoiser):
+        return module
+    raise UserError(f"the teacher is a plain {type(module).__name__}; make it a fewstep teacher first: "
+                    "fewstep.wrap(module, schedule='edm'|'ddpm'|'flow', prediction='x0'|'eps'|'v'|'flow', "
+                    "sample_shape=...) (see the README's 'Your own network')")
+
+
+def teacher_label(teacher: Denoiser) -> str:
+    """How a run's config names a teacher given as an object (its ``teacher`` field is a string)."""
+    what = (getattr(teacher, "info", None) or {}).get("meta", {}).get("module") or type(teacher.net).__qualname__
+    return f"<python {what}>"
+
+
+def as_dataset(data: Any, sample_shape: tuple[int, ...] | None = None, num_classes: int = 0,
+               need_labels: bool = False) -> Any:
+    """In-memory data as a :class:`fewstep.data.Dataset`: a tensor or numpy array ``(N, D)`` / ``(N, C, H, W)``, a
+    pair ``(x, labels)``, a ``fewstep.data.Dataset``, or a ``torch.utils.data.Dataset`` of ``x`` or ``(x, label)``
+    items (read whole into memory, as fewstep holds every data set).
+
+    Args:
+        sample_shape: the model's sample shape the data must have.
+        num_classes: the model's classes; labels must lie in ``0..num_classes-1``.
+        need_labels: a class-conditional model's training data: labels are required.
+    """
+    import numpy as np
+
+    from .data import Dataset
+
+    given = data if isinstance(data, Dataset) else None
+    if given is not None:
+        x, labels = given.x, given.labels
+    else:
+        labels = None
+        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.TensorDataset):
+            try:
+                items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+            except TypeError:
+                raise UserError("data is a torch Dataset without a length (an iterable one); pass a tensor, a numpy "
+                                "array or an (x, labels) pair") from None
+            pairs = [it if isinstance(it, (tuple, list)) else (it,) for it in items]
+            data = (torch.stack([torch.as_tensor(p[0]) for p in pairs]),
+                    torch.as_tensor([int(p[1]) for p in pairs]) if pairs and len(pairs[0]) > 1 else None)
+        elif isinstance(data, torch.utils.data.TensorDataset):
+            data = tuple(data.tensors) if len(data.tensors) > 1 else data.tensors[0]
+        if isinstance(data, (tuple, list)):
+            if len(data) != 2:
+                raise UserError(f"data as a tuple is (x, labels), got {len(data)} items; pass x alone or (x, labels)")
+            data, labels = data
+        try:
+            x = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"data must be a tensor, a numpy array, an (x, labels) pair or a Dataset, not a "
+                            f"{type(data).__name__} ({e})") from None
+    if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int32, torch.int64)) or x.ndim not in (2, 4):
+        raise UserError(f"data must be vectors (N, D) or images (N, C, H, W) of numbers, got {x.dtype} of shape "
+                        f"{tuple(x.shape)}")
+    x = x.detach().float().cpu()
+    if len(x) < 2:
+        raise UserError(f"data holds {len(x)} sample(s); pass at least 2")
+    if not torch.isfinite(x).all():
+        raise UserError("data holds NaN or infinite values; drop or fix those samples")
+    if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
+        raise UserError(f"data has samples of shape {tuple(x.shape[1:])} but the model makes {tuple(sample_shape)}; "
+                        "pass data of the model's sample_shape")
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
+        if labels.is_floating_point() or labels.ndim != 1 or len(labels) != len(x):
+            raise UserError(f"labels must be {len(x)} class indices (a 1-D integer tensor, one per sample), got "
+                            f"{labels.dtype} of shape {tuple(labels.shape)}")
+        labels = labels.long().cpu()
+        if num_classes > 0 and (labels.min() < 0 or labels.max() >= num_classes):
+            raise UserError(f"labels must lie in 0..{num_classes - 1} (the model's classes), got "
+                            f"{int(labels.min())}..{int(labels.max())}")
+    if need_labels and num_classes > 0 and labels is None:
+        raise UserError(f"the teacher is class-conditional ({num_classes} classes); pass data=(x, labels)")
+    if given is not None:
+        return given
+    kind = "image" if x.ndim == 4 else "points"
+    classes = num_classes if labels is not None else 0
+    name = f"<in-memory {'images' if kind == 'image' else 'vectors'} {tuple(x.shape)}>"
+    return Dataset(name, kind, x, labels if classes else None, classes, [str(k) for k in range(classes)])
+
+
 def load_model(spec: str | Path) -> Any:
     """A teacher (as :func:`load_teacher`) or a distilled student: a ``fewstep distill`` run directory or its
     ``student.safetensors``/``.json``."""
     from .student import load_student
 
+    if isinstance(spec, torch.nn.Module):  # a model already built: a student, or a teacher (fewstep.wrap)
+        return spec if hasattr(spec, "steps") else as_teacher(spec)
     path = Path(str(spec))
     if path.is_dir() and (path / "student.json").is_file():
         return load_student(path / "student")
@@ -283,7 +375,7 @@ def _is_text_model(model: Any) -> bool:
 
 def evaluate(
     model: Denoiser,
-    data: str | None = None,
+    data: Any = None,
     n: int = 2000,
     steps: int | None = None,
     sampler: str = DEFAULT_SAMPLER,
@@ -297,6 +389,8 @@ def evaluate(
     clip_model: Any = None,
     prompts: str | Path | list[str] | None = None,
     feature_extractor: torch.nn.Module | None = None,
+    feature_network: torch.nn.Module | None = None,
+    classifier: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Sample ``model`` and measure it against ``data`` (default: the model's own data): digits-domain FID, precision
     and recall against its train split (as CIFAR-10 and ImageNet FIDs are computed), with ``fid_heldout`` against its
@@ -304,7 +398,11 @@ def evaluate(
 
     Args:
         model: a teacher or a student (:func:`load_model`).
-        data: reference data: an embedded name, an image folder or a point file (default: the model's own).
+        data: reference data: an embedded name, an image folder or a point file (default: the model's own); or data
+            in memory (a tensor, numpy array, ``(x, labels)`` pair or Dataset, as :func:`as_dataset` takes), which
+            is measured as it is given (pass held-out data): ``sliced_w`` for vectors; for images ``fid``,
+            ``precision`` and ``recall`` on ``feature_network``'s features and/or ``inception_fid``, and
+            ``class_accuracy`` with ``classifier``.
         n: samples to draw (and to measure).
         steps, sampler, cfg_scale: teachers' sampling (a student samples in its own steps).
         seed: seed of the initial noise.
@@ -323,6 +421,10 @@ def evaluate(
             empty prompt.
         feature_extractor: a module mapping uint8 RGB images ``(B, 3, H, W)`` to features ``(B, D)`` to use
             instead of Inception for ``inception_fid`` and ``patch_fid`` (no weights file needed).
+        feature_network: data in memory, images: a module mapping images as the model makes them ``(B, C, H, W)``
+            to features ``(B, D)``, for ``fid``, ``precision`` and ``recall``.
+        classifier: data in memory, class-conditional models: a module mapping images (or vectors) to class logits
+            ``(B, K)``; ``class_accuracy`` is the share of samples it assigns the class they were drawn for.
 
     Missing weights files are a one-line :class:`UserError` naming what to provide, raised before any sampling.
 
@@ -341,6 +443,16 @@ def evaluate(
     patch_size = whole_number(patch_size, "--patch-size")
     want_inception = inception or inception_weights is not None
     want_clip = clip or clip_model is not None
+    if data is not None and not isinstance(data, (str, Path)):  # data in memory: measured as given
+        if want_clip or prompts is not None or patch_fid:
+            raise UserError("CLIP score and patch FID measure named data (an image folder); drop clip, prompts and "
+                            "patch_fid, or pass data= the folder")
+        return _evaluate_in_memory(model, as_dataset(data, tuple(shape), model.num_classes), n, steps, sampler,
+                                   cfg_scale, seed, want_inception, inception_weights, feature_extractor,
+                                   feature_network, classifier)
+    if feature_network is not None or classifier is not None:
+        raise UserError("feature_network and classifier are for data given in memory (data=<tensor>); named data "
+                        "has its own metrics: drop them")
     data = data or model_data(model)
     if data is None:
         raise UserError("this model does not record its training data; pass --data")
@@ -405,6 +517,59 @@ def evaluate(
     else:
         steps = steps or DEFAULT_STEPS
     return {**empty, **metrics, **timing, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale, "n": n, "data": data}
+
+
+@torch.no_grad()
+def _apply(net: torch.nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
+    """``net`` on ``x`` in batches, on the network's device, as float32 on the CPU."""
+    device = next(iter(net.parameters()), torch.empty(0)).device
+    return torch.cat([net(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def _evaluate_in_memory(model: Any, ref: Any, n: int, steps: int | None, sampler: str, cfg_scale: float, seed: int,
+                        want_inception: bool, inception_weights: str | Path | None, feature_extractor: Any,
+                        feature_network: Any, classifier: Any) -> dict[str, Any]:
+    """:func:`evaluate` against data in memory (``ref``, a Dataset), as its docstring says."""
+    from .eval.evaluate import evaluate_samples
+    from .eval.metrics import feature_stats, frechet_distance, precision_recall
+    from .models.hf import decode_samples
+
+    if ref.kind == "image" and feature_network is None and not want_inception:
+        raise UserError("FID on images given in memory needs a feature network: pass feature_network=<module "
+                        "mapping images to (B, D) features>, or inception_weights=<the local Inception weights file>")
+    if ref.kind == "points" and (feature_network is not None or want_inception):
+        raise UserError("vectors are measured with sliced_w; feature_network and Inception FID are for images: drop "
+                        "them")
+    if classifier is not None and model.num_classes == 0:
+        raise UserError("class_accuracy needs a class-conditional model; this one is unconditional: drop classifier")
+    if want_inception and feature_extractor is None:  # a missing weights file is reported before any sampling
+        from .eval.inception import resolve_weights_path
+
+        inception_weights = resolve_weights_path(inception_weights)
+    x, labels, timing = generate(model, n, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed)
+    x = decode_samples(model, x)
+    metrics: dict[str, Any] = {}
+    if ref.kind == "points":
+        metrics.update(evaluate_samples(x, ref))
+    if feature_network is not None:
+        f_real, f_fake = _apply(feature_network, ref.x), _apply(feature_network, x)
+        if f_fake.ndim != 2:
+            raise UserError(f"feature_network must return (B, D) features, got {tuple(f_fake.shape)}; flatten or "
+                            "pool its output")
+        precision, recall = precision_recall(f_real, f_fake, k=3)
+        metrics.update(fid=frechet_distance(*feature_stats(f_fake), *feature_stats(f_real)), precision=precision,
+                       recall=recall)
+    if want_inception:
+        from .eval.inception import inception_fid
+
+        metrics["inception_fid"] = inception_fid(ref.x, x, weights_path=inception_weights,
+                                                 feature_extractor=feature_extractor)
+    if classifier is not None:
+        metrics["class_accuracy"] = float((_apply(classifier, x).argmax(1) == labels).double().mean())
+    steps, sampler = (model.steps, "student") if hasattr(model, "steps") else (steps or DEFAULT_STEPS, sampler)
+    empty = dict.fromkeys(("fid", "precision", "recall", "class_accuracy"))
+    return {**empty, **metrics, **timing, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale, "n": n,
+            "data": ref.name}
 
 
 def _generate_from_prompts(model: Any, prompts: list[str], n: int, steps: int | None, sampler: str,

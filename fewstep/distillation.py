@@ -175,7 +175,7 @@ def prepare_data(teacher: Any, data_name: str) -> Any:
 
 
 def distill(
-    teacher: str | None = None,
+    teacher: str | torch.nn.Module | None = None,
     method: str | None = "dmd2",
     steps: int | None = None,
     out: str | Path = "runs/distill",
@@ -184,6 +184,7 @@ def distill(
     restart: bool = False,
     evaluate_n: int = 1000,
     inception_weights: str | Path | None = None,
+    data: Any = None,
     **overrides: Any,
 ) -> Student:
     """Distill ``teacher`` into a ``steps``-step student with ``method``.
@@ -191,7 +192,8 @@ def distill(
     Args:
         teacher: an embedded teacher name, a ``fewstep teacher train`` run directory or a local diffusers folder
             (default: the config's, else ``digits``; a diffusers teacher needs ``data``: an image folder, with
-            captions for text-to-image teachers).
+            captions for text-to-image teachers); or a :class:`~fewstep.diffusion.denoiser.Denoiser` object, such
+            as ``fewstep.wrap(your_module, ...)`` (its config records ``<python ...>``; it needs ``data``).
         method: ``dmd2``, ``add``, ``lightning`` or ``disback`` (which wraps ``dmd2`` or ``add``; see its config's
             ``base``); None: the config's own (on resume, the run's), else ``dmd2``.
         steps: student sampling steps (1..8).
@@ -206,16 +208,24 @@ def distill(
         inception_weights: the Inception weights file (default ``$FEWSTEP_INCEPTION_WEIGHTS``): images other than
             digits (a diffusers teacher's, an image folder's) get Inception FID in the report; without it the report
             says how to measure FID and keeps NFE, timing, curves and samples.
+        data: the real data: an embedded name, an image folder or a point file (default: the config's, else the
+            teacher's own); or data in memory: a tensor or numpy array ``(N, D)`` / ``(N, C, H, W)``, an ``(x,
+            labels)`` pair (a class-conditional teacher needs the labels) or a Dataset
+            (:func:`fewstep.api.as_dataset`).
         **overrides: any config field (``guidance_scale=2.0``, ``gan=False``) or loop field (``iterations=500``).
 
     Returns:
         The student (also saved as ``out/student.safetensors``).
     """
-    from .api import load_teacher, model_data
+    from .api import as_dataset, as_teacher, load_teacher, model_data, teacher_label
     from .train.loop import check_run_dir, set_aside, train
 
     out = Path(out)
-    cfg = make_config(method, resume_config(out, config, resume), teacher=teacher, steps=steps, **overrides)
+    teacher_obj = as_teacher(teacher) if isinstance(teacher, torch.nn.Module) else None
+    in_memory = data is not None and not isinstance(data, (str, Path))
+    cfg = make_config(method, resume_config(out, config, resume),
+                      teacher=teacher_label(teacher_obj) if teacher_obj is not None else teacher, steps=steps,
+                      data=None if in_memory or data is None else str(data), **overrides)
     method = cfg.method
     check_run_dir(out, resume, restart)
     check_writable(out)  # a read-only or full place is refused now, not after loading the teacher and data
@@ -223,12 +233,22 @@ def distill(
         from .eval.inception import resolve_weights_path
 
         inception_weights = resolve_weights_path(inception_weights)
-    teacher_model = load_teacher(cfg.teacher, resolution=config_resolution(cfg))
+    if teacher_obj is not None and config_resolution(cfg) is not None:
+        raise UserError("resolution is an option of diffusers teachers loaded from a folder; a teacher object has its "
+                        "sample_shape: drop resolution")
+    teacher_model = teacher_obj if teacher_obj is not None else load_teacher(cfg.teacher,
+                                                                             resolution=config_resolution(cfg))
     check_schedule_steps(cfg, teacher_model.schedule)  # before the data is prepared or anything trains
-    data_name = cfg.data or model_data(teacher_model)
-    if data_name is None:
-        raise UserError(f"teacher {cfg.teacher!r} does not record its data; pass --data")
-    dataset = prepare_data(teacher_model, data_name)
+    if in_memory:  # checked against the teacher (shape, labels) before anything trains
+        dataset = as_dataset(data, tuple(teacher_model.sample_shape), teacher_model.num_classes, need_labels=True)
+        data_name = dataset.name
+    else:
+        data_name = cfg.data or model_data(teacher_model)
+        if data_name is None:
+            raise UserError(f"teacher {cfg.teacher!r} does not record its data; pass --data" if teacher_obj is None
+                            else "a teacher object records no data; pass data= (a tensor, an (x, labels) pair, a "
+                                 "Dataset, or a data set's name)")
+        dataset = prepare_data(teacher_model, data_name)
     if tuple(dataset.sample_shape) != tuple(teacher_model.sample_shape):
         raise UserError(f"data {data_name!r} has samples of shape {tuple(dataset.sample_shape)} but the teacher "
                         f"makes {tuple(teacher_model.sample_shape)}")
@@ -244,7 +264,7 @@ def distill(
             return method_obj.student()
         return Student(method_obj.inference_model(), method_obj.timesteps)
 
-    sample_fn = _sample_writer(student_of, data_name)
+    sample_fn = _sample_writer(student_of, None if in_memory else data_name)  # in memory: no held-out split to draw
     if restart:  # everything is checked: only now is the earlier run moved aside
         set_aside(out)
     train(method_obj, dataset, cfg.loop, out, resume=resume, sample_fn=sample_fn, config=cfg)
@@ -264,6 +284,6 @@ def distill(
             from .report import write_run_report
 
             write_run_report(out, student, teacher_model, n=evaluate_n, inception_weights=inception_weights,
-                             data=data_name, cfg_scale=config_guidance(cfg))
+                             data=dataset if in_memory else data_name, cfg_scale=config_guidance(cfg))
     PartialState().wait_for_everyone()
     return student

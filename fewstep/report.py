@@ -142,6 +142,19 @@ def _tree_id(path: str | Path, whole: bool = True) -> str | None:
     return h.hexdigest()
 
 
+def _tensors_id(*tensors: Any) -> str:
+    """A fingerprint of tensors held in memory (dtype, shape and bytes of each; None entries count as absent)."""
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}\0{tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"tensors:{h.hexdigest()}"
+
+
 def _weights_id(teacher: Any) -> str:
     """The teacher's weights: a diffusers teacher's folder (weights by size and time, configs by content) and the
     dtype it was loaded in; any other teacher's state dict, tensor by tensor (name, dtype, shape, bytes)."""
@@ -314,7 +327,7 @@ def _frontier(run_dir: Path, rows: list[dict[str, Any]], metric: str, steps: int
 
 
 def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, seed: int = 0,
-                     inception_weights: str | Path | None = None, data: str | None = None,
+                     inception_weights: str | Path | None = None, data: Any = None,
                      cfg_scale: float = 1.0) -> Path:
     """Evaluate ``student`` and ``teacher`` (DDIM with the student's step count, and Heun with 32 steps), write
     ``eval.json`` and ``report.html`` into ``run_dir``; return the report's path. Where a quality metric exists the
@@ -322,7 +335,9 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
     sampler, the student a point). The report embeds every picture, so it can be sent alone.
 
     ``data`` is the run's data (default: the student's recorded data): every row is measured against it, the
-    teacher's too (a diffusers teacher records none). ``cfg_scale``: the guidance the student was distilled with;
+    teacher's too (a diffusers teacher records none). Data in memory (a ``fewstep.data.Dataset`` from
+    :func:`fewstep.api.as_dataset`) is measured as given; its images as any images other than digits.
+    ``cfg_scale``: the guidance the student was distilled with;
     a conditional teacher is sampled with it, so the rows compare the student with the distribution it imitates.
 
     Digits are measured with the shipped classifier's features (FID, precision, recall, class accuracy) and 2-D data
@@ -343,14 +358,17 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
     models = [("student", student, {}),
               ("teacher (ddim)", teacher, {"steps": student.steps, "sampler": "ddim", **guide}),
               ("teacher (heun)", teacher, {"steps": 32, "sampler": "heun", **guide})]
-    kind = _kind(student)
+    in_memory = data is not None and not isinstance(data, (str, Path))
+    kind = "image" if in_memory and _kind(student) == "digits" else _kind(student)  # no digits classifier on them
     if kind != "image" or _inception_weights(inception_weights)[0] is not None:  # a quality to draw against NFE
         settings = {(s, k) for s, ks in TEACHER_CURVE.items() for k in ks} | {("ddim", student.steps)}
         models += [(f"teacher ({s}, {k} steps)", teacher, {"steps": k, "sampler": s, **guide})
                    for s, k in sorted(settings) if (s, k) not in {("ddim", student.steps), ("heun", 32)}]
     note = ""
     # what, besides the teacher and its sampling, decides a teacher row (the cache's key)
-    evaluation = {"n": n, "seed": seed, "data": data, "data_files": _tree_id(data, whole=False) if data else None}
+    evaluation = {"n": n, "seed": seed, "data": data.name if in_memory else data,
+                  "data_files": (_tensors_id(data.x, data.labels) if in_memory
+                                 else _tree_id(data, whole=False) if data else None)}
     if kind == "image":
         rows, metric_keys, note = _measure_images(run_dir, models, n, seed, inception_weights, data, teacher,
                                                   evaluation)

@@ -97,10 +97,20 @@ def save_student(student: Student, prefix: str | Path, **meta: Any) -> Path:
     return save_denoiser(student.generator, prefix, kind="student", timesteps=student.timesteps.tolist(), **meta)
 
 
-def load_student(prefix: str | Path) -> Student:
-    """Load a saved student; one whose JSON says ``meta.sampler == "ode"`` (SDXL-Lightning's students) takes
-    deterministic ODE steps between its timesteps instead of re-noising."""
-    den, desc = load_denoiser(prefix)
+def load_student(prefix: str | Path, module: nn.Module | None = None) -> Student:
+    """Load a saved student (``prefix``: the path without suffix, or a ``fewstep distill`` run directory); one whose
+    JSON says ``meta.sampler == "ode"`` (SDXL-Lightning's students) takes deterministic ODE steps between its
+    timesteps instead of re-noising.
+
+    ``module``: a student of a network wrapped without ``init_args`` (:func:`fewstep.wrap`): a freshly built module
+    of the same architecture, which the saved weights are loaded into.
+    """
+    path = Path(prefix)
+    if path.is_dir() and (path / "student.json").is_file():
+        prefix = path / "student"
+    elif path.suffix in (".json", ".safetensors"):
+        prefix = path.with_suffix("")
+    den, desc = load_denoiser(prefix, module)
     meta = desc.get("meta") or {}
     if meta.get("kind") != "student" or not meta.get("timesteps"):
         what = "a teacher" if meta.get("kind") in (None, "teacher") else f"a {meta.get('kind')!r}"

@@ -36,7 +36,8 @@ def network_spec(net: nn.Module) -> dict[str, Any]:
     for name, cls in NETWORKS.items():
         if type(net) is cls:
             return {"type": name, **net.config}
-    raise TypeError(f"{type(net).__name__} is not one of fewstep's embedded networks")
+    raise TypeError(f"{type(net).__name__} is not one of fewstep's embedded networks; put your own module behind "
+                    "fewstep.wrap(module, ...) to save it")
 
 
 def describe(denoiser: Denoiser, **meta: Any) -> dict[str, Any]:
@@ -69,8 +70,18 @@ def save_denoiser(denoiser: Denoiser, path: str | Path, **meta: Any) -> Path:
     return weights
 
 
-def denoiser_from_description(desc: dict[str, Any]) -> Denoiser:
-    if desc["network"].get("type") == "diffusers":
+def denoiser_from_description(desc: dict[str, Any], module: nn.Module | None = None) -> Denoiser:
+    """The denoiser a description describes (weights apart); ``module``: the user's fresh module of a wrapped one
+    (:func:`fewstep.wrap`)."""
+    kind = desc["network"].get("type")
+    if kind == "module":
+        from .module import denoiser_from_description as from_module
+
+        return from_module(desc, module)
+    if module is not None:
+        raise UserError(f"module= is for models of a wrapped network (fewstep.wrap); this one is fewstep's {kind!r} "
+                        "network: drop module=")
+    if kind == "diffusers":
         from .hf import denoiser_from_description as from_diffusers
 
         return from_diffusers(desc)
@@ -79,8 +90,9 @@ def denoiser_from_description(desc: dict[str, Any]) -> Denoiser:
     return Denoiser(net, schedule, desc["prediction_type"], tuple(desc["sample_shape"]), desc.get("num_classes", 0))
 
 
-def load_denoiser(path: str | Path) -> tuple[Denoiser, dict[str, Any]]:
-    """Load a denoiser written by :func:`save_denoiser`; returns it (in eval mode) and its description."""
+def load_denoiser(path: str | Path, module: nn.Module | None = None) -> tuple[Denoiser, dict[str, Any]]:
+    """Load a denoiser written by :func:`save_denoiser`; returns it (in eval mode) and its description. ``module``:
+    a fresh module for a wrapped network saved without its constructor's arguments (:func:`fewstep.wrap`)."""
     path = Path(path)
     desc_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
     for p in (desc_path, weights):
@@ -95,7 +107,7 @@ def load_denoiser(path: str | Path) -> tuple[Denoiser, dict[str, Any]]:
         raise UserError(f"{desc_path} is not a fewstep denoiser description (format {found!r}); point at the .json "
                         "that fewstep saved beside the .safetensors")
     try:
-        den = denoiser_from_description(desc)
+        den = denoiser_from_description(desc, module)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, UserError):
             raise
