@@ -7,7 +7,9 @@
 Rows: the teacher at its best NFE and at 1, 2 and 4 NFE (DDIM); DMD2 students of 1, 2 and 4 steps with the per-step
 fake score (``full``: ``fake_score: per_step``, the default) and with one shared fake score (``shared``: the DMD2
 code; at 1 step the two are the same run, so ``full`` 1-step stands for both); 1-step ablations without TTUR
-(ttur 1), without the GAN head, and DMD (v1: no TTUR, no GAN, L2 regression to teacher ODE pairs). Every k-step
+(ttur 1), without the GAN head, and DMD (v1: no TTUR, no GAN, L2 regression to teacher ODE pairs); ``fake_t_uniform``
+(1 and 4 steps): the fake score's noise levels as the DMD2 EDM code draws them (``fake_t_distribution:
+uniform_index``). Every k-step
 student also gets one row per step (variant ``<variant>@step<i>``): the quality of its step-i output (the first i
 steps of its own sampler, same seeds), and ``<variant>@pooled`` all steps' outputs together (n / k of each): the
 per-step table of issue 16. Each distillation run uses the shipped config
@@ -32,6 +34,10 @@ VARIANTS = {  # name: (steps, config overrides); "<variant>-<k>step" is reported
     "no_ttur": (1, {"ttur": 1}),
     "no_gan": (1, {"gan": False}),
     "dmd_v1": (1, {"ttur": 1, "gan": False, "regression": True}),
+    # the fake score's noise levels (issue 13): the DMD2 EDM code's uniform index over 1,000 Karras sigmas with EDM's
+    # weight, against the default (the teacher's training draw and loss), at 1 step and with the per-step fake score
+    "fake_t_uniform": (1, {"fake_t_distribution": "uniform_index"}),
+    "fake_t_uniform-4step": (4, {"fake_t_distribution": "uniform_index"}),
 }
 
 

@@ -195,6 +195,15 @@ class DMD2Config(BaseModel):
                     "mixture (issue 16; ours, not in the DMD2 code). 'shared': one fake score for all steps, one "
                     "step drawn per iteration (the DMD2 code, sd_unified_model.py / sd_guidance.py). Identical at "
                     "steps 1.")
+    fake_t_distribution: Literal["teacher", "uniform_index"] = Field(
+        "teacher",
+        description="The noise levels of the fake score's denoising loss, with its weighting. 'teacher': the "
+                    "teacher's training distribution (schedule.sample_train_t: DDPM a uniform timestep, as the DMD2 "
+                    "SD code; EDM log-normal, median sigma 0.30, 1% above 5) and the teacher's own loss (eps-/v-/F-"
+                    "MSE). 'uniform_index': the DMD2 EDM code (main/edm/edm_guidance.py): a uniform index over 1,000 "
+                    "Karras sigmas (sigma_min 0.002, sigma_max 80, rho 7, in EDM sigma = sigma_t / alpha_t; median "
+                    "2.5, 42% above 5; a DDPM teacher takes the nearest timestep), the x0 error weighted by EDM's "
+                    "1/sigma^2 + 1/sigma_data^2 (sigma_data: the schedule's, else 0.5).")
     fake_step_rank: int = Field(
         16, ge=1,
         description="Rank of the per-step adapters of fake_score: per_step (alpha = rank; on every Linear and "

@@ -1035,3 +1035,135 @@ def test_per_step_fake_scores_under_gradient_checkpointing(player):
     assert plain.keys() == checkpointed.keys() and any(".lora_B.step2." in k for k in plain) == (player == "guidance")
     for k in plain:
         assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The fake score's noise levels (fake_t_distribution) and the guidance update's samples (issue 13)
+# ------------------------------------------------------------------------------------------------------------------
+def edm_point_teacher() -> Denoiser:
+    from fewstep.diffusion.schedule import EDMSchedule
+    from fewstep.models import PointMLP
+
+    torch.manual_seed(0)
+    net = PointMLP(width=32, depth=2)
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+    return Denoiser(net, EDMSchedule(), "edm", (2,))
+
+
+def _karras_share_above(sigma: float, lo: float = 0.002, hi: float = 80.0, rho: float = 7.0) -> float:
+    """The share of a uniform ramp u in [0, 1] whose Karras sigma (hi^(1/rho) + u (lo^(1/rho) - hi^(1/rho)))^rho
+    exceeds ``sigma`` (the continuous limit of the 1,000-sigma grid)."""
+    a, b = hi ** (1 / rho), lo ** (1 / rho)
+    return (a - sigma ** (1 / rho)) / (a - b)
+
+
+def test_fake_t_distributions_match_the_issue_and_the_dmd2_edm_code():
+    """On an EDM teacher: 'teacher' is EDM's log-normal (median e^-1.2 = 0.30, 0.96% above sigma 5); 'uniform_index'
+    a uniform index over 1,000 Karras sigmas (median ((80^(1/7) + 0.002^(1/7)) / 2)^7 = 2.52, 41.9% above 5)."""
+    n = 200_000
+    teacher = edm_point_teacher()
+    torch.manual_seed(0)
+    t_teacher = dmd2(teacher, gan=False)._t_fake(n, "cpu")
+    m = dmd2(teacher, gan=False, fake_t_distribution="uniform_index")
+    torch.manual_seed(0)
+    t_index = m._t_fake(n, "cpu")
+    # the grid: 1,000 Karras sigmas from 80 down to 0.002, and every draw is one of them
+    assert len(m.fake_times) == 1000
+    assert_close(m.fake_times[[0, -1]], torch.tensor([80.0, 0.002]))
+    assert torch.isin(t_index, m.fake_times).all()
+    # tolerances: 5 binomial std of a share over n draws; the median of n draws within 2% (its std: 0.4%)
+    share = (1 - torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor((math.log(5) + 1.2) / 1.2))).item()
+    assert abs(share - 0.0096) < 1e-4
+    for t, median, above in ((t_teacher, math.exp(-1.2), share),
+                             (t_index, ((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7, _karras_share_above(5.0))):
+        tol = 5 * math.sqrt(above * (1 - above) / n) + 1e-3  # + the grid's discreteness (1 / 1000)
+        assert abs(float((t > 5).double().mean()) - above) < tol
+        assert abs(float(t.median()) / median - 1) < 0.02
+    assert abs(_karras_share_above(5.0) - 0.42) < 0.005 and abs(float(t_index.median()) - 2.5) < 0.1
+
+
+def test_uniform_index_on_a_ddpm_teacher_takes_the_nearest_timestep():
+    from fewstep.methods.dmd2 import karras_index_times
+
+    schedule = DDPMSchedule(rescale_zero_terminal_snr=True)
+    sigmas = (80 ** (1 / 7) + torch.linspace(0, 1, 1000, dtype=torch.float64)
+              * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    t = karras_index_times(schedule)
+    assert torch.equal(t, t.round()) and t.min() == 0 and t.max() < 999
+    # each Karras sigma's exact (fractional) time is within half a timestep; sigmas below t = 0's level go to 0
+    exact = schedule.t_from_sigma_tilde(sigmas)
+    assert (t.double() - exact).abs().max() <= 0.5
+    floor = float(schedule.sigma_tilde(torch.tensor(0.0)))
+    inside = sigmas >= floor
+    assert_close(schedule.sigma_tilde(exact[inside].float()).double(), sigmas[inside], rtol=1e-4, atol=0)
+    assert (t[~inside] == 0).all()
+    # the distribution survives the mapping: 42% of the levels above sigma 5, median about 2.5
+    st = schedule.sigma_tilde(t)
+    assert abs(float((st > 5).double().mean()) - _karras_share_above(5.0)) < 0.005
+    assert abs(float(st.median()) - 2.5) < 0.1
+
+
+def test_edm_weighted_x0_loss_is_each_families_own_loss_reweighted():
+    """lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 on the x0 error: on an EDM denoiser exactly its F-MSE
+    (lambda c_out^2 = 1); on a v-prediction VP denoiser (x0 error = sigma_t * v error) (alpha^2 + 4 sigma^2) times its
+    v-MSE."""
+    from fewstep.methods.dmd2 import edm_weight, x0_denoising_loss
+
+    s = torch.tensor([0.01, 0.5, 3.0, 80.0])
+    assert_close(edm_weight(s, 0.5), (s**2 + 0.25) / (s * 0.5) ** 2)
+    g = torch.Generator().manual_seed(0)
+    edm = edm_point_teacher()
+    x0, eps = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    t = (torch.randn(64, generator=g) * 1.2 - 1.2).exp()
+    with torch.no_grad():
+        assert_close(x0_denoising_loss(edm, x0, t, eps, None, 0.5), edm.denoising_loss(x0, t, eps), rtol=1e-4,
+                     atol=1e-6)
+        vp = point_teacher(out_std=0.1)
+        t = torch.randint(0, 1000, (64,), generator=g).float()
+        a, sig = vp.schedule.alpha_sigma(t)
+        assert_close(x0_denoising_loss(vp, x0, t, eps, None, 0.5), (a**2 + 4 * sig**2) * vp.denoising_loss(x0, t, eps),
+                     rtol=1e-4, atol=1e-6)
+
+
+def test_the_guidance_loss_uses_the_uniform_index_and_its_weight():
+    teacher = point_teacher(out_std=0.1)
+    m = dmd2(teacher, gan=False, fake_t_distribution="uniform_index")
+    guidance = m.players["guidance"].module
+    seen = []
+    guidance.fake.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    torch.manual_seed(1)
+    loss, _ = m.loss("guidance", point_batch(), 1)
+    # one fake-score call, at timesteps of the grid
+    assert len(seen) == 1 and torch.isin(seen[0], m.fake_times).all()
+    # and the same draws give the x0 loss with EDM's weight (alpha^2 + 4 sigma^2 on the v-MSE)
+    torch.manual_seed(1)
+    gen = m.players["generator"].module
+    with torch.no_grad():
+        x, _ = m._generate(gen, 64, None, "cpu")
+        t = m._t_fake(64, "cpu")
+        eps = torch.randn_like(x)
+        a, sig = teacher.schedule.alpha_sigma(t)
+        expected = ((a**2 + 4 * sig**2) * guidance.fake.denoising_loss(x, t, eps)).mean()
+    assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_the_guidance_update_reuses_the_generators_samples_on_its_iterations():
+    """TTUR: on a generator iteration the guidance loss takes the generator loss's samples (detached; the DMD2 code),
+    so the generator runs once that iteration; on the other iterations, once without gradient."""
+    teacher = point_teacher(out_std=0.1)
+    m = dmd2(teacher, gan=False, ttur=5)
+    gen, guidance = m.players["generator"].module, m.players["guidance"].module
+    outputs, inputs = [], []
+    gen.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))
+    guidance.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].clone()))
+    batch = point_batch()
+    m.loss("generator", batch, 0)
+    m.loss("guidance", batch, 0)
+    assert len(outputs) == 1 and torch.equal(inputs[0], outputs[0])
+    m.loss("guidance", batch, 1)  # a guidance-only iteration: its own draw
+    assert len(outputs) == 2 and torch.equal(inputs[1], outputs[1]) and not torch.equal(outputs[1], outputs[0])
+    # the samples serve only the iteration (and batch) that drew them
+    m.loss("generator", batch, 5)
+    m.loss("guidance", point_batch(seed=1), 5)
+    m.loss("guidance", batch, 5)
+    assert len(outputs) == 5

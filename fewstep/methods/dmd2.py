@@ -7,7 +7,11 @@ bottleneck features. The frozen teacher ``D_real`` gives the real score, with CF
 * Generator: ``L_dm + lambda_G L_gan`` where ``L_dm = 0.5 || x - sg(x - grad) ||^2`` and
   ``grad = (p_real - p_fake) / mean|p_real|`` with ``p = x - D(x_t, t)`` (DMD2 eq. 2, DMD eq. 7-8).
 * Guidance: the fake score's denoising loss on detached generator samples, plus ``w_head`` times the head's
-  non-saturating loss on diffused real data against diffused generator samples.
+  non-saturating loss on diffused real data against diffused generator samples. On an iteration where the generator
+  updates, those are the samples its loss drew (before its step, as the DMD2 code): no second generator forward.
+* Fake-score noise levels (``fake_t_distribution``): the teacher's training distribution with its own loss, or the
+  DMD2 EDM code's uniform index over 1,000 Karras sigmas with EDM's weight on the x0 error
+  (:func:`karras_index_times`, :func:`x0_denoising_loss`).
 * TTUR (``ttur``): the guidance player updates every iteration, the generator every ``ttur``-th (DMD2 code).
 * Schedules: the GAN can start at a later iteration (``gan_start_iteration``, optionally with its own learning rate
   ``gan_stage_lr``: DMD2's SD 1.5 GAN resume in one run), and the warm-up counts player updates or loop iterations
@@ -65,6 +69,32 @@ def distribution_matching_grad(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> T
 def distribution_matching_loss(x: Tensor, grad: Tensor) -> Tensor:
     """``0.5 * mean (x - sg(x - grad))^2``: its gradient w.r.t. ``x`` is ``grad / x.numel()`` (DMD2 code)."""
     return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float(), reduction="mean")
+
+
+def karras_index_times(schedule: Any, n: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                       rho: float = 7.0) -> Tensor:
+    """The fake score's noise levels in the DMD2 EDM code (``karras_sigmas``, drawn by a uniform index): ``n`` Karras
+    sigmas (Karras et al. 2022, eq. 5, in EDM sigma = ``sigma_t / alpha_t``), as native times of ``schedule``,
+    noisiest first. A DDPM schedule's are rounded to the nearest timestep (the ones its networks trained at); its
+    finite range clamps the ends (zero terminal SNR: sigma 80 is t = 885, and sigmas under t = 0's 0.01 become 0)."""
+    t = schedule.karras(n, sigma_min, sigma_max, rho)
+    return (t.round() if schedule.kind == "ddpm" else t).float()
+
+
+def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """EDM's loss weight on the x0 error, ``lambda(sigma) = 1 / sigma^2 + 1 / sigma_data^2`` (Karras et al. 2022,
+    Table 1; the DMD2 EDM code's ``snrs + 1 / sigma_data^2``)."""
+    return sigma.pow(-2) + sigma_data**-2
+
+
+def x0_denoising_loss(denoiser: Any, x0: Tensor, t: Tensor, eps: Tensor, cond: Any, sigma_data: float) -> Tensor:
+    """Per sample, ``lambda(sigma) mean (D(x_t, t) - x0)^2`` at ``x_t = add_noise(x0, eps, t)`` with ``sigma`` =
+    ``sigma_t / alpha_t`` and ``lambda`` = :func:`edm_weight` (the DMD2 EDM code's fake-score loss). On an EDM-
+    preconditioned denoiser it is the denoiser's own F-MSE (``lambda c_out^2 = 1``)."""
+    x_t = denoiser.schedule.add_noise(x0, eps, t)
+    err = (denoiser(x_t, t, cond).float() - x0.float()) ** 2
+    sigma = denoiser.schedule.sigma_tilde(t).float().to(err.device)
+    return edm_weight(sigma, sigma_data) * err.flatten(1).mean(1)
 
 
 def step_groups(steps: list[int]) -> list[tuple[int, slice]]:
@@ -169,14 +199,17 @@ class Guidance(nn.Module):
     Per-step fake score (``steps`` > 0): ``fake`` carries one LoRA adapter per student step on its trunk, and every call
     takes the samples' ``groups`` (``(step, slice)`` from :func:`step_groups`): step ``i``'s samples are scored by
     ``fake_i`` = trunk + adapter ``i`` (and the head on ``fake_i``'s features). ``steps`` = 0: one shared fake score,
-    ``groups`` ignored.
+    ``groups`` ignored. ``x0_loss_sigma_data``: the denoising loss is :func:`x0_denoising_loss` with that
+    ``sigma_data`` (``fake_t_distribution: uniform_index``); None: the fake score's own loss.
     """
 
-    def __init__(self, fake: Denoiser, head: FeatureHead | None, steps: int = 0) -> None:
+    def __init__(self, fake: Denoiser, head: FeatureHead | None, steps: int = 0,
+                 x0_loss_sigma_data: float | None = None) -> None:
         super().__init__()
         self.fake = fake
         self.head = head
         self.steps = steps
+        self.x0_loss_sigma_data = x0_loss_sigma_data
         self.trunk_adapters = active_adapter_names(fake.net)  # a LoRA fake score's own adapter, or none
 
     def _by_step(self, fn: Any, groups: list[tuple[int, slice]] | None, *args: Any) -> Tensor:
@@ -193,6 +226,11 @@ class Guidance(nn.Module):
             outs.append(out)
         return torch.cat(outs)
 
+    def _denoising_loss(self, x0: Tensor, t: Tensor, eps: Tensor, cond: Any) -> Tensor:
+        if self.x0_loss_sigma_data is None:
+            return self.fake.denoising_loss(x0, t, eps, cond)
+        return x0_denoising_loss(self.fake, x0, t, eps, cond, self.x0_loss_sigma_data)
+
     def score(self, x_t: Tensor, t: Tensor, cond: Any, groups: list[tuple[int, slice]] | None = None) -> Tensor:
         """The fake score's ``x0`` prediction (step ``i``'s samples: ``fake_i``)."""
         return self._by_step(self.fake, groups, x_t, t, cond)
@@ -208,7 +246,7 @@ class Guidance(nn.Module):
         """Denoising loss on generator samples, and (given ``(x_real_t, cond_real, t_real, x_fake_t, t_fake)``) the
         head's loss with its logits on real and fake inputs. ``groups``: the samples' steps (real samples are split
         the same way, so each step's head compares its own outputs with data)."""
-        denoise = self._by_step(self.fake.denoising_loss, groups, x_fake, t, eps, cond_fake).mean()
+        denoise = self._by_step(self._denoising_loss, groups, x_fake, t, eps, cond_fake).mean()
         if gan_inputs is None or self.head is None:
             return denoise, None, None, None
         x_real_t, cond_real, t_real, x_fake_t, t_fake = gan_inputs
@@ -255,11 +293,16 @@ class DMD2Method(Method):
             with torch.no_grad():
                 feats = fake.features(probe, torch.tensor([self.schedule.t_max]), None)
             head = FeatureHead(feats.shape[1], feats.shape[-1] if feats.ndim == 4 else 0)
-        g_mod, f_mod = Generator(generator), Guidance(fake, head, cfg.steps if self.per_step else 0)
+        # the fake score's noise levels: the teacher's training draw, or the DMD2 EDM code's Karras grid
+        self.fake_times = karras_index_times(self.schedule) if cfg.fake_t_distribution == "uniform_index" else None
+        sigma_data = getattr(self.schedule, "sigma_data", 0.5) if self.fake_times is not None else None
+        g_mod = Generator(generator)
+        f_mod = Guidance(fake, head, cfg.steps if self.per_step else 0, x0_loss_sigma_data=sigma_data)
 
         def player(module: nn.Module, lr: float, stride: int) -> Player:
+            # fused: one kernel for all the parameters (the digits UNet on one CPU thread: 1.6 ms a step, 8.1 per tensor)
             opt = torch.optim.AdamW(trainable(module), lr=lr, betas=tuple(cfg.adam_betas),
-                                    weight_decay=cfg.weight_decay)
+                                    weight_decay=cfg.weight_decay, fused=True)
             schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, stride, cfg, lr))
             return Player(module, opt, schedule, cfg.grad_clip, cfg.ema_decay if module is g_mod else None)
 
@@ -267,6 +310,7 @@ class DMD2Method(Method):
                         "guidance": player(f_mod, cfg.lr_fake, 1)}
         self.pairs: tuple[Tensor, Tensor, Tensor | None] | None = None
         self._reference: Any = None  # the per-step diagnostics' real data (loaded on first use)
+        self._samples: tuple[int, Batch, Tensor, list[int]] | None = None  # the generator loss's, for the guidance
         if cfg.regression:
             self.pairs = self._regression_pairs()
 
@@ -290,6 +334,14 @@ class DMD2Method(Method):
         u = lo + (hi - lo) * torch.rand(n, device=device)
         t = self.schedule.from_fraction(u).to(device)
         return t.round() if self.schedule.kind == "ddpm" else t
+
+    def _t_fake(self, n: int, device: Any) -> Tensor:
+        """The fake score's denoising times (``fake_t_distribution``): the teacher's training draw, or a uniform index
+        into :func:`karras_index_times` (the DMD2 EDM code)."""
+        if self.fake_times is None:
+            return self.schedule.sample_train_t(n, device=device)
+        idx = torch.randint(0, len(self.fake_times), (n,), device=device)
+        return self.fake_times.to(device)[idx]
 
     def _steps(self, n: int) -> list[int]:
         """The student step (0-based) each of ``n`` samples trains: per-step fake score, the batch split evenly over
@@ -333,14 +385,17 @@ class DMD2Method(Method):
 
     def loss(self, player: str, batch: Batch, it: int) -> tuple[Tensor, dict[str, float]]:
         gan = self.gan_on(it)
-        return self._generator_loss(batch, gan) if player == "generator" else self._guidance_loss(batch, gan, it)
+        if player == "generator":
+            return self._generator_loss(batch, gan, it)
+        return self._guidance_loss(batch, gan, it)
 
-    def _generator_loss(self, batch: Batch, gan: bool = True) -> tuple[Tensor, dict[str, float]]:
+    def _generator_loss(self, batch: Batch, gan: bool = True, it: int = -1) -> tuple[Tensor, dict[str, float]]:
         gen = self.players["generator"].module
         guidance = _unwrap(self.players["guidance"].module)  # not updated here: bypass DDP
         n, device = batch.x0.shape[0], batch.x0.device
         cond = self._cond(batch)
         x, steps = self._generate(gen, n, cond, device)
+        self._samples = (it, batch, x.detach(), steps) if it >= 0 else None  # the guidance update's, this iteration
         groups = self._groups(steps)
         t = self._t_dm(n, device)
         x_t = self.schedule.add_noise(x, torch.randn_like(x), t)
@@ -372,10 +427,14 @@ class DMD2Method(Method):
         gen = self.players["generator"].module
         n, device = batch.x0.shape[0], batch.x0.device
         cond = self._cond(batch)
-        with torch.no_grad():
-            x, steps = self._generate(gen, n, cond, device)
+        reuse, self._samples = self._samples, None
+        if reuse is not None and reuse[0] == it and reuse[1] is batch:  # the generator's samples of this iteration
+            x, steps = reuse[2], reuse[3]
+        else:
+            with torch.no_grad():
+                x, steps = self._generate(gen, n, cond, device)
         x = x.detach()
-        t = self.schedule.sample_train_t(n, device=device)
+        t = self._t_fake(n, device)
         eps = torch.randn_like(x)
         gan_inputs = None
         if gan and self.cfg.gan:
