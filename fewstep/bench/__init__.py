@@ -100,8 +100,8 @@ def _notes(plan: Plan) -> list[str]:
              "against the test split (fewstep.api.evaluate)",
              "wall_seconds: the distillation's wall time (set-up and training; a resumed run adds the time its "
              "checkpoint had recorded); peak_memory_gb: on a GPU the peak allocated CUDA memory of the run, else the "
-             "process's peak resident memory during it (which includes what the process held before: the earlier "
-             "runs' leftovers, so on CPU it compares runs only roughly)",
+             "process's peak resident memory up to the run's end (ru_maxrss: it includes what the process held "
+             "before, the earlier runs' peaks too, so on CPU it compares runs only roughly)",
              "step_efficiency: the share of a training step in the networks' forward and backward passes, where the "
              "run logged it"]
     if "lightning" in plan.methods and len(plan.steps) > 1:

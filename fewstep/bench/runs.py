@@ -232,7 +232,8 @@ def make_plan(out: str | Path, data: Any = "digits,grid25", methods: Any = "dmd2
 @contextlib.contextmanager
 def peak_memory() -> Iterator[dict[str, Any]]:
     """Measure the peak memory of the ``with`` body into the yielded dict (``gb``, ``kind``): on a GPU the peak
-    allocated CUDA memory, else the process's peak resident memory (sampled every 50 ms)."""
+    allocated CUDA memory, else the process's peak resident memory so far (``ru_maxrss``: what the process held
+    before the body counts too)."""
     import torch
 
     out: dict[str, Any] = {}
@@ -241,26 +242,12 @@ def peak_memory() -> Iterator[dict[str, Any]]:
         yield out
         out.update(gb=torch.cuda.max_memory_allocated() / 2**30, kind="cuda allocated")
         return
-    import threading
+    import resource
+    import sys
 
-    import psutil
-
-    proc = psutil.Process()
-    peak = [proc.memory_info().rss]
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-    out.update(gb=max(peak[0], proc.memory_info().rss) / 2**30, kind="process resident")
+    yield out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes
+    out.update(gb=peak / 2**30, kind="process resident")
 
 
 def _read_json(path: Path, default: Any) -> Any:
