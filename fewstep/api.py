@@ -203,7 +203,8 @@ def load_model(spec: str | Path) -> Any:
     if path.is_dir() and (path / "student.safetensors").is_file():
         raise UserError(f"{path / 'student.json'} is missing: the student's weights need the description saved "
                         "beside them; copy it back from where the run was made")
-    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "model.json").is_file():
+    finished = (path / "model.json").is_file() or (path / "model_index.json").is_file()  # (a text teacher's pipeline)
+    if path.is_dir() and (path / "config.yaml").is_file() and not finished:
         raise UserError(f"{path} holds no finished model yet; finish the run with --resume")
     try:
         return load_teacher(spec)
@@ -495,7 +496,7 @@ def evaluate(
         used_prompts = None
     digits_shaped = test.kind != "image" or tuple(test.sample_shape) in ((1, 8, 8), (1, 16, 16))
     named_metric = want_inception or patch_fid or want_clip
-    metrics = (evaluate_against(x, data, labels, resolution=resolution, channels=channels)
+    metrics = (evaluate_against(x, data, labels, resolution=resolution, channels=channels, prompts=used_prompts)
                if digits_shaped or not named_metric else {})
     if want_inception:
         from .eval.inception import inception_fid

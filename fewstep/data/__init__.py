@@ -19,7 +19,7 @@ from .folder import IMAGE_SUFFIXES, load_image_folder
 from .points import POINT_SUFFIXES, load_points
 from .toys import TEST_SEED, TEST_SIZE, TOY_NAMES, TRAIN_SEED, TRAIN_SIZE, sample_toy, toy_modes
 
-EMBEDDED_DATA = ("digits", "ring8", "grid25", "moons", "checkerboard", "swissroll")
+EMBEDDED_DATA = ("digits", "shapes", "ring8", "grid25", "moons", "checkerboard", "swissroll")
 SPLITS = ("train", "test")
 
 __all__ = ["EMBEDDED_DATA", "TOY_NAMES", "Dataset", "load_data", "sample_toy"]
@@ -111,6 +111,13 @@ def load_data(spec: str, split: str = "train", resolution: int | None = None, ch
         if channels == 3:
             x = x.repeat(1, 3, 1, 1)
         return Dataset(spec, "image", x, y, 10, [str(k) for k in range(10)])
+    if spec == "shapes":
+        from .shapes import NUM_CLASSES, RESOLUTION, class_names, shapes_arrays
+
+        if resolution not in (None, RESOLUTION) or channels == 1:
+            raise UserError(f"shapes are {RESOLUTION}x{RESOLUTION} RGB images; drop --resolution and --channels")
+        x, y, caps = shapes_arrays(split)
+        return Dataset(spec, "image", x, y, NUM_CLASSES, class_names(), captions=caps)
     if spec in TOY_NAMES:
         n, seed = (TRAIN_SIZE, TRAIN_SEED) if split == "train" else (TEST_SIZE, TEST_SEED)
         modes, mode_std = toy_modes(spec)

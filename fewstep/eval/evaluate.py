@@ -98,10 +98,18 @@ def evaluate_samples(
 
 def evaluate_against(samples: Tensor | np.ndarray, data: str, labels: Tensor | np.ndarray | None = None,
                      resolution: int | None = None, channels: int | None = None,
-                     classifier: DigitsClassifier | None = None) -> dict[str, float | int | None]:
+                     classifier: DigitsClassifier | None = None,
+                     prompts: list[str] | None = None) -> dict[str, float | int | None]:
     """:func:`evaluate_samples` against the reference of data set ``data`` (a name, folder or file): digits-shaped
-    images against the train split, with ``fid_heldout`` against the test split; points against the test split."""
+    images against the train split, with ``fid_heldout`` against the test split; points against the test split;
+    ``shapes`` with :func:`fewstep.eval.adherence.evaluate_shapes` (adherence to ``prompts`` or ``labels``, FID,
+    precision and recall against real images drawn for them)."""
     from ..data import load_data
+
+    if data == "shapes":
+        from .adherence import evaluate_shapes
+
+        return evaluate_shapes(torch.as_tensor(samples), prompts=prompts, labels=None if prompts else labels)
 
     test = load_data(data, "test", resolution=resolution, channels=channels)
     if test.kind == "image" and tuple(test.sample_shape) in DIGITS_SHAPES:

@@ -733,6 +733,11 @@ def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torc
                                 "re-save it with save_pretrained") from None
         net_model = model if model.dtype == dtype else model.to(dtype)
         components = Components(folder, family)
+    return _wrap(net_model, family, components, sched_cfg, folder, resolution)
+
+
+def _wrap(net_model: nn.Module, family: str, components: Components, sched_cfg: dict[str, Any], folder: Path,
+          resolution: int | None) -> DiffusersDenoiser:
     net_model.eval().requires_grad_(False)
     shape = _sample_shape(net_model, family, components)
     if resolution is not None:
@@ -741,9 +746,24 @@ def load_diffusers(path: str | Path, model: nn.Module | None = None, dtype: torc
     net = DiffusersNet(net_model, family, components, _null_condition(components, family),
                        _num_classes(net_model, family))
     den = DiffusersDenoiser(net, schedule, prediction, shape, net.num_classes)
-    den.info = {"format": FORMAT, "meta": {"kind": "teacher", "teacher": str(folder), "data": None,
+    data = None
+    if (folder / "fewstep_teacher.json").is_file():  # a teacher trained by `fewstep teacher train` records its data
+        data = _read_json(folder / "fewstep_teacher.json").get("data")
+    den.info = {"format": FORMAT, "meta": {"kind": "teacher", "teacher": str(folder), "data": data,
                                            "family": family, "class": type(net_model).__name__}}
     return den.eval().requires_grad_(False)
+
+
+def denoiser_from_pipeline(pipe: Any, folder: str | Path) -> DiffusersDenoiser:
+    """A frozen :class:`DiffusersDenoiser` over an in-memory pipeline that is (or will be) saved at ``folder``:
+    what ``fewstep teacher train`` trains before the pipeline exists on disk (its students record ``folder``)."""
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    net_model = getattr(pipe, name)
+    family = FAMILIES[type(net_model).__name__]
+    sched_cfg = dict(pipe.scheduler.config)
+    sched_cfg["_class_name"] = type(pipe.scheduler).__name__
+    components = Components(Path(folder), family, pipe, getattr(pipe, "vae", None))
+    return _wrap(net_model, family, components, sched_cfg, Path(folder), None)
 
 
 def network_from_spec(spec: dict[str, Any]) -> tuple[DiffusersNet, Components]:
@@ -962,5 +982,5 @@ def decode_samples(model: Any, x: Tensor) -> Tensor:
 
 
 __all__ = ["FAMILIES", "Components", "DiffusersNet", "DiffusersDenoiser", "PromptBank", "TrainingData",
-           "decode_samples", "generate_images", "image_shape", "is_diffusers_folder", "load_diffusers", "network_from_spec", "prepare_training_data",
+           "decode_samples", "denoiser_from_pipeline", "generate_images", "image_shape", "is_diffusers_folder", "load_diffusers", "network_from_spec", "prepare_training_data",
            "prepare_training_folder", "schedule_from_scheduler_config"]

@@ -11,8 +11,10 @@ from ..config import TeacherConfig
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.schedule import schedule_from_config
 from ..errors import UserError
-from ..methods.base import Batch, Method, Player, warmup_schedule
+from ..methods.base import Batch, Method, Player, batch_cond, warmup_schedule
 from ..models import build_network, save_denoiser
+from ..models.text_unet import DEFAULTS as TEXT_DEFAULTS
+from ..models.text_unet import TEXT_TEACHER_META, TEXT_UNET, is_text_unet_spec
 from .loop import check_run_dir, set_aside, train
 
 
@@ -66,12 +68,10 @@ class TeacherMethod(Method):
         n = x0.shape[0]
         t = self._denoiser.schedule.sample_train_t(n, device=x0.device)
         eps = torch.randn_like(x0)
-        cond = None
-        if batch.labels is not None and self._denoiser.num_classes > 0:
-            cond = batch.labels
-            if self.label_dropout > 0:
-                drop = torch.rand(n, device=x0.device) < self.label_dropout
-                cond = torch.where(drop, self._denoiser.null_cond(cond), cond)
+        cond = batch_cond(batch, self._denoiser)  # class labels, or a text teacher's prompt embeddings
+        if cond is not None and self.label_dropout > 0:  # to the null class / the empty prompt (CFG)
+            drop = torch.rand(n, device=x0.device) < self.label_dropout
+            cond = _where(drop, self._denoiser.null_cond(cond), cond)
         per_sample = self.players["denoiser"].module(x0, t, eps, cond)
         return per_sample.mean(), {}
 
@@ -79,6 +79,13 @@ class TeacherMethod(Method):
         """The EMA denoiser (the training weights before the loop has attached an EMA)."""
         ema = self.players["denoiser"].ema
         return ema.denoiser if ema is not None else self._denoiser
+
+
+def _where(drop: Tensor, null: Any, cond: Any) -> Any:
+    """``null`` where ``drop`` else ``cond``, per sample, for a tensor or a dict of tensors."""
+    if isinstance(cond, dict):
+        return {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null[k].to(v), v) for k, v in cond.items()}
+    return torch.where(drop, null, cond)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,6 +104,14 @@ def resolve_teacher_config(cfg: TeacherConfig, dataset: Any) -> TeacherConfig:
     classes = _data_num_classes(dataset)
     if kind is None:
         kind = "image" if len(shape) == 3 else "points"
+    if is_text_unet_spec(cfg.network):  # the diffusers text-to-image teacher (fewstep.models.text_unet)
+        if kind != "image" or len(shape) != 3 or shape[1] != shape[2]:
+            raise UserError(f"a text-to-image teacher is trained on square images, not samples of shape {shape}")
+        if getattr(dataset, "captions", None) is None:
+            raise UserError(f"{getattr(dataset, 'name', 'the data')} has no captions, but network.type "
+                            f"{TEXT_UNET} is text-to-image; use captioned data (shapes, or a folder with img.txt "
+                            "captions)")
+        return cfg.model_copy(update={"network": {**TEXT_DEFAULTS, **cfg.network}, "resolution": shape[1]})
     if kind == "image":
         if len(shape) != 3 or shape[1] != shape[2]:
             raise UserError(f"image data must be square (C, R, R), got samples of shape {shape}")
@@ -180,7 +195,9 @@ def train_teacher(
             once the data and config are checked, and start a new run there.
 
     Returns:
-        The saved model's path prefix ``out_dir/"model"`` (for :func:`fewstep.models.load_denoiser`).
+        The saved model's path prefix ``out_dir/"model"`` (for :func:`fewstep.models.load_denoiser`); for the
+        text-to-image network (``network.type`` ``unet2d_condition``) ``out_dir`` itself, a diffusers pipeline folder
+        (for :func:`fewstep.load_teacher`).
     """
     out_dir = Path(out_dir)
     check_run_dir(out_dir, resume, restart)  # before loading data: fail fast
@@ -190,6 +207,8 @@ def train_teacher(
         dataset = load_data(cfg.data, "train", cfg.resolution)
     cfg = resolve_teacher_config(cfg, dataset)
     shape = tuple(getattr(dataset, "sample_shape", tuple(dataset.x.shape[1:])))
+    if is_text_unet_spec(cfg.network):
+        return _train_text_teacher(cfg, out_dir, dataset, shape, resume, restart, sample_fn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.loop.seed)  # the initial weights are a function of the seed
         denoiser = build_teacher_denoiser(cfg, shape)
@@ -214,3 +233,75 @@ def train_teacher(
         )
     PartialState().wait_for_everyone()
     return prefix
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The text-to-image teacher: a diffusers pipeline, trained through the same method and loop
+# ----------------------------------------------------------------------------------------------------------------
+def text_sample_writer(prompts: list[str], steps: int = 16, sampler: str = "heun",
+                       cfg_scale: float = 3.0) -> Callable[[Denoiser, Path], None]:
+    """A ``sample_fn`` for a text-to-image teacher: one image per prompt (the same prompts at every step)."""
+
+    def write(denoiser: Denoiser, path: Path) -> None:
+        from ..eval.images import save_samples
+        from ..models.hf import generate_images
+
+        x = generate_images(denoiser, prompts, seed=1234, steps=steps, sampler=sampler, cfg_scale=cfg_scale)
+        save_samples(x, path, None)
+
+    return write
+
+
+def grid_prompts(dataset: Any, n: int = 40) -> list[str]:
+    """Prompts of a text teacher's sample grids: for shapes, 30 seen and 10 held-out compositions; else the first
+    ``n`` captions."""
+    if getattr(dataset, "name", None) == "shapes":
+        from ..data.shapes import heldout_prompts, seen_prompts
+
+        return seen_prompts()[:: len(seen_prompts()) // 30][:30] + heldout_prompts()[:: 3][:10]
+    return list(dataset.captions[:n])
+
+
+def save_text_teacher(denoiser: Any, pipe: Any, out_dir: Path, data: str | None) -> None:
+    """Save the trained UNet (``denoiser``'s, the EMA) into ``pipe`` and the pipeline to ``out_dir`` (diffusers'
+    ``save_pretrained``), with the training data's name in ``fewstep_teacher.json``."""
+    import json
+
+    from ..io import atomic_write_json
+
+    pipe.unet.load_state_dict(denoiser.net.model.state_dict())
+    pipe.save_pretrained(str(out_dir))
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for name in ("vae", "safety_checker", "feature_extractor", "image_encoder"):  # the absent ones, named
+        index.setdefault(name, [None, None])
+    atomic_write_json(index_path, index)
+    atomic_write_json(out_dir / TEXT_TEACHER_META, {"data": data})
+
+
+def _train_text_teacher(cfg: TeacherConfig, out_dir: Path, dataset: Any, shape: tuple[int, ...], resume: bool,
+                        restart: bool, sample_fn: Callable[[Denoiser, Path], None] | None) -> Path:
+    from accelerate import PartialState
+
+    from ..models.hf import denoiser_from_pipeline, prepare_training_data
+    from ..models.text_unet import build_text_pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.loop.seed)  # the initial weights are a function of the seed
+        pipe = build_text_pipeline(cfg.network, int(shape[1]), int(shape[0]), cfg.schedule, cfg.prediction_type)
+    denoiser = denoiser_from_pipeline(pipe, out_dir)  # its students record out_dir, where the pipeline is saved
+    data = prepare_training_data(denoiser, dataset)  # the captions -> the prompt bank; labels = caption indices
+    denoiser.requires_grad_(True)
+    method = TeacherMethod(denoiser, cfg)
+    writer = text_sample_writer(grid_prompts(dataset)) if sample_fn is not None else None
+
+    def loop_sample_fn(step: int, path: Path) -> None:
+        writer(method.inference_model(), path)
+
+    if restart:
+        set_aside(out_dir)
+    train(method, data, cfg.loop, out_dir, resume=resume, sample_fn=loop_sample_fn if writer else None, config=cfg)
+    if PartialState().is_main_process:
+        save_text_teacher(method.inference_model(), pipe, out_dir, cfg.data)
+    PartialState().wait_for_everyone()
+    return out_dir

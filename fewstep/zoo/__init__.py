@@ -42,6 +42,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         }
         for toy in TEACHERS[1:]
     },
+    # the text-to-image teacher: a diffusers UNet2DConditionModel on all-MiniLM-L6-v2's token embeddings (a
+    # StableDiffusionPipeline without a VAE; fewstep.models.text_unet), caption dropout 0.1 to the empty prompt
+    "shapes": {
+        "data": "shapes",
+        "schedule": _SCHEDULE,
+        "prediction_type": "v_prediction",
+        "lr": 1e-3,
+        "ema_decay": 0.999,
+        "network": {"type": "unet2d_condition", "block_out_channels": [32, 64]},
+        "loop": {"iterations": 3000, "batch_size": 64, "seed": 0, "checkpoint_every": 500, "log_every": 50,
+                 "sample_every": 1000},
+    },
 }
 
 
