@@ -9,7 +9,8 @@ Checks, each one row of the table printed at the end (a failure is a row, and th
   under autocast, as a run's frozen teacher), through ``fewstep.generate`` as a user calls it; FID of each
   against the train split beside float32's (the low precisions should not move it by more than the metric's noise).
 * ``train``: a few DMD2 iterations on digits under Accelerate mixed precision no / bf16 / fp16; finite losses, and
-  ``max_memory_gb`` from metrics.jsonl.
+  ``max_memory_gb`` from metrics.jsonl; the float32 run ends with its report, as every run does (the teacher sampled
+  on the device through ``fewstep.evaluate``).
 * ``sdxl-lora``: DMD2 with ``configs/sdxl_dmd2.yaml`` as written (a LoRA generator, gradient checkpointing, bf16)
   on the tiny SDXL-like pipeline the tests build (tests/hf_tiny.py), logging ``max_memory_gb``.
 * ``ddp``: ``accelerate launch --num_processes 2`` of a short DMD2 run when more than one GPU is visible.
@@ -35,8 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: the checks' own budget (the shell script stops everything at 8 minutes): a check not started by then is skipped
 BUDGET_S = 420
 #: sizes of the GPU run and of the CPU dry run
-SIZES = {"gpu": {"n": 2000, "sample_steps": 8, "iterations": 20, "sdxl_iterations": 4, "ddp_iterations": 10},
-         "cpu": {"n": 32, "sample_steps": 2, "iterations": 2, "sdxl_iterations": 2, "ddp_iterations": 2}}
+SIZES = {"gpu": {"n": 2000, "sample_steps": 8, "iterations": 20, "report_n": 500, "sdxl_iterations": 4,
+                 "ddp_iterations": 10},
+         "cpu": {"n": 32, "sample_steps": 2, "iterations": 2, "report_n": 32, "sdxl_iterations": 2,
+                 "ddp_iterations": 2}}
 PRECISIONS = ("float32", "bf16", "fp16")
 
 
@@ -89,25 +92,39 @@ def _max_memory(rows: list[dict[str, Any]]) -> float | None:
     return max(values) if values else None
 
 
-def check_train(device: str, precision: str, iterations: int, work: Path) -> dict[str, Any]:
+def check_train(device: str, precision: str, iterations: int, work: Path, report_n: int = 0) -> dict[str, Any]:
+    """``report_n`` > 0: the run ends with its report (the student and the teacher's NFE curve sampled on the
+    device, as every `fewstep distill` run does)."""
     import warnings
 
+    from fewstep import report as run_report
     from fewstep.distillation import distill
     from fewstep.train.loop import read_metrics
 
     out = work / f"train_{precision}"
+    curve = run_report.TEACHER_CURVE
+    if device == "cpu":  # the dry run: the report's teacher rows are the table's two, not the whole curve
+        run_report.TEACHER_CURVE = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        student = distill("digits", "dmd2", steps=1, out=out, config=ROOT / "configs" / "dmd2_digits.yaml",
-                          iterations=iterations, log_every=1, sample_every=0, checkpoint_every=iterations,
-                          progress=False, evaluate_n=0, mixed_precision={"float32": "no"}.get(precision, precision))
+        try:
+            student = distill("digits", "dmd2", steps=1, out=out, config=ROOT / "configs" / "dmd2_digits.yaml",
+                              iterations=iterations, log_every=1, sample_every=0, checkpoint_every=iterations,
+                              progress=False, evaluate_n=report_n,
+                              mixed_precision={"float32": "no"}.get(precision, precision))
+        finally:
+            run_report.TEACHER_CURVE = curve
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == iterations and _finite(rows), f"losses not finite: {rows[-1]}"
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in student.parameters()})
     said = sorted({str(w.message).splitlines()[0][:80] for w in caught if "precision" in str(w.message)})
+    report = ""
+    if report_n:
+        student_row = json.loads((out / "eval.json").read_text())[0]
+        report = f"; report.html and eval.json written (student FID {student_row['fid']:.3g} at {report_n} samples)"
     return {"max_memory_gb": _max_memory(rows),
             "detail": f"DMD2 digits, {iterations} iterations, finite losses; student weights {'/'.join(dtypes)}"
-                      + (f"; warned: {said[0]}" if said else "")}
+                      + report + (f"; warned: {said[0]}" if said else "")}
 
 
 def check_sdxl(device: str, iterations: int, work: Path) -> dict[str, Any]:
@@ -176,7 +193,8 @@ def run_checks(device: str, sizes: dict[str, int], work: Path, gpus: int,
     for p in PRECISIONS:
         plan.append(("sample", p, lambda p=p: check_sample(device, p, sizes["n"], sizes["sample_steps"], reference)))
     for p in PRECISIONS:
-        plan.append(("train", p, lambda p=p: check_train(device, p, sizes["iterations"], work)))
+        plan.append(("train", p, lambda p=p: check_train(device, p, sizes["iterations"], work,
+                                                         sizes["report_n"] if p == "float32" else 0)))
     plan.append(("sdxl-lora", "bf16", lambda: check_sdxl(device, sizes["sdxl_iterations"], work)))
     plan.append(("ddp", "float32", lambda: check_ddp(device, sizes["ddp_iterations"], work, gpus)))
     rows, start = [], time.monotonic()

@@ -52,3 +52,4 @@ def test_the_dry_run_prints_one_row_per_check(tmp_path: Path, monkeypatch: pytes
     sample_fid = [float(r[5].split("FID ")[1].split()[0].rstrip(",")) for r in rows[:3]]
     assert all(0 < f < 100 for f in sample_fid) and "x float32's" in rows[1][5]
     assert "finite losses" in rows[3][5] and "fp16 mixed precision needs a GPU" in rows[5][5]
+    assert "report.html and eval.json written" in rows[3][5]
