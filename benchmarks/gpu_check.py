@@ -219,8 +219,8 @@ def run_checks(device: str, sizes: dict[str, int], work: Path, gpus: int,
                 row["status"] = "FAIL"
         except Exception as e:  # noqa: BLE001 -- a failed check is a row; the others still run
             last = traceback.extract_tb(e.__traceback__)[-1]
-            row.update(status="FAIL", detail=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-                                             f" ({Path(last.filename).name}:{last.lineno})")
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            row.update(status="FAIL", detail=f"{type(e).__name__}: {first} ({Path(last.filename).name}:{last.lineno})")
         row["seconds"] = round(time.monotonic() - t0, 1)
         rows.append(row)
         print(f"{name:>9} {setting:>7}: {row['status']} ({row['seconds']} s) {row['detail']}", flush=True)

@@ -53,3 +53,23 @@ def test_the_dry_run_prints_one_row_per_check(tmp_path: Path, monkeypatch: pytes
     assert all(0 < f < 100 for f in sample_fid) and "x float32's" in rows[1][5]
     assert "finite losses" in rows[3][5] and "fp16 mixed precision needs a GPU" in rows[5][5]
     assert "report.html and eval.json written" in rows[3][5]
+
+
+def test_a_failed_check_is_a_row_and_exit_status_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # main() sets both: put back after
+
+    def broken(*args, **kw):
+        raise RuntimeError("NCCL error: unhandled system error\nsecond line")
+
+    monkeypatch.setattr(gpu_check, "check_ddp", broken)
+    assert gpu_check.main(["--cpu", "--only", "ddp"]) == 1
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| ddp | float32 | FAIL |") and "RuntimeError: NCCL error: unhandled system error (" in row
+    assert "second line" not in row
