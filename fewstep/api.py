@@ -52,6 +52,8 @@ def load_teacher(spec: str | Path | torch.nn.Module, resolution: int | None = No
         return as_teacher(spec)
     spec_s = str(spec)
     path = Path(spec_s)
+    if spec_s == zoo.TEXT_TEACHER and not path.exists():  # the text-to-image teacher: a diffusers pipeline folder
+        path = zoo.text_teacher_folder()
     if spec_s in zoo.TEACHERS:
         prefix = zoo.require(spec_s)
     elif path.is_dir() and (path / "model.json").is_file():

