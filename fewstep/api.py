@@ -336,8 +336,12 @@ def generate(
         den = guided(model, cfg_scale) if labels is not None else model
         evals = nfe(sampler, steps) * (2 if labels is not None and cfg_scale != 1.0 else 1)
 
-        def run(z_b: Tensor, cond: Tensor | None) -> Tensor:
-            return run_sampler(den, z_b, steps, sampler, cond=cond, generator=gen)
+        params = next(model.parameters(), None)
+        device = params.device if params is not None else torch.device("cpu")
+
+        def run(z_b: Tensor, cond: Tensor | None) -> Tensor:  # the noise on the teacher's device, samples back on CPU
+            cond = None if cond is None else cond.to(device)
+            return run_sampler(den, z_b.to(device), steps, sampler, cond=cond, generator=gen).cpu()
 
     out = []
     start = time.perf_counter()
