@@ -22,7 +22,7 @@ real loop (:func:`fewstep.train.loop.train`): ``--warmup`` iterations, then ``--
 
 The network share is network time over step time, both measured under the profiler (which adds its per-op cost to
 networks and loss code alike); the plain step time is printed beside it. Writes benchmarks/results/step_efficiency.json
-(rows: data, method, variant ``default``, steps, ``network_share``, ``step_ms``, ``step_ms_profiled``, and each
+(rows: data, method, variant ``default`` or ``--variant``, steps, ``network_share``, ``step_ms``, ``step_ms_profiled``, and each
 category's milliseconds per step) and prints the table.
 """
 from __future__ import annotations
@@ -270,6 +270,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="measured iterations per method")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", default="default", help="the rows' variant (e.g. 'before' for an older tree)")
     p.add_argument("--no-write", action="store_true", help="print only (do not update the results file)")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -283,7 +284,7 @@ def main() -> None:
             split = prof.pop("ms_per_step")
             non_net = {k: v for k, v in split.items() if k not in ("network forward", NET_BACKWARD)}
             top = sorted(non_net.items(), key=lambda kv: -kv[1])[:5]
-            rows.append({"data": "digits", "method": name, "variant": "default", "steps": plain["steps"],
+            rows.append({"data": "digits", "method": name, "variant": a.variant, "steps": plain["steps"],
                          "network_share": prof["network_share"], "step_ms": plain["step_ms"],
                          "step_ms_profiled": prof["step_ms_profiled"],
                          "network_forward_ms": split.get("network forward", 0.0),
@@ -294,14 +295,16 @@ def main() -> None:
             print(f"{name:>9}: network {100 * prof['network_share']:.1f}% of {prof['step_ms_profiled']:.1f} ms "
                   f"(profiled; plain {plain['step_ms']:.1f} ms); top non-network ms: {rows[-1]['top_non_network']}",
                   flush=True)
+            if not a.no_write:  # after each method: a long run that stops keeps what it measured
+                path = write_results("step_efficiency", meta([a.seed], warmup=a.warmup, measured_steps=a.steps,
+                                                             threads=torch.get_num_threads()), rows[-1:])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = [{**r, "network_share": 100 * r["network_share"]} for r in rows]
-    print("\n" + markdown_table(table, ["method", "steps", "step_ms", "step_ms_profiled", "network_forward_ms",
-                                        "network_backward_ms", "network_share", "top_non_network"]))
-    if not a.no_write:
-        path = write_results("step_efficiency", meta([a.seed], warmup=a.warmup, measured_steps=a.steps,
-                                                     threads=torch.get_num_threads()), rows)
+    print("\n" + markdown_table(table, ["method", "variant", "steps", "step_ms", "step_ms_profiled",
+                                        "network_forward_ms", "network_backward_ms", "network_share",
+                                        "top_non_network"]))
+    if not a.no_write and rows:
         print(f"\nwrote {path}")
 
 

@@ -771,8 +771,9 @@ def _update(run: _Run, name: str, batch: Batch, it: int) -> None:
         run.latest_loss[name] = loss_value
         for key, value in {"loss": loss_value, **stats}.items():
             acc = run.window.setdefault(f"{name}/{key}", [0.0, 0.0])
-            # tensors stay on their device (no host sync a stat) and sum in float64, as the floats they replace
-            acc[0] = acc[0] + (value.detach().float().double() if torch.is_tensor(value) else float(value))
+            # a GPU's tensors stay there (no host sync a stat) and sum in float64, as the floats they replace
+            on_device = torch.is_tensor(value) and value.device.type != "cpu"
+            acc[0] = acc[0] + (value.detach().float().double() if on_device else _to_float(value))
             acc[1] += 1.0
     else:
         run.nonfinite_total += 1
