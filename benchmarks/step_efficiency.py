@@ -21,9 +21,10 @@ real loop (:func:`fewstep.train.loop.train`): ``--warmup`` iterations, then ``--
   agreement), logging, the checkpoint check, and the loop's own Python.
 
 The network share is network time over step time, both measured under the profiler (which adds its per-op cost to
-networks and loss code alike); the plain step time is printed beside it. Writes benchmarks/results/step_efficiency.json
-(rows: data, method, variant ``default`` or ``--variant``, steps, ``network_share``, ``step_ms``, ``step_ms_profiled``, and each
-category's milliseconds per step) and prints the table.
+networks and loss code alike); the plain step time is printed beside it. Writes
+benchmarks/results/step_efficiency.json (rows: data, method, variant ``default`` or ``--variant``, steps,
+``network_share``, ``step_ms``, ``step_ms_profiled``, and each category's milliseconds per step; each method's row as
+it is measured) and prints the table.
 """
 from __future__ import annotations
 

@@ -300,7 +300,7 @@ class DMD2Method(Method):
         f_mod = Guidance(fake, head, cfg.steps if self.per_step else 0, x0_loss_sigma_data=sigma_data)
 
         def player(module: nn.Module, lr: float, stride: int) -> Player:
-            # fused: one kernel for all the parameters (the digits UNet on one CPU thread: 1.6 ms a step, 8.1 per tensor)
+            # fused: one kernel for all parameters (the digits UNet, one CPU thread: 1.6 ms a step, 8.1 per tensor)
             opt = torch.optim.AdamW(trainable(module), lr=lr, betas=tuple(cfg.adam_betas),
                                     weight_decay=cfg.weight_decay, fused=True)
             schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, stride, cfg, lr))
