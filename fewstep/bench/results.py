@@ -72,7 +72,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str], headers: dict
 def method_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The README columns of a method table: image metrics when the rows have an FID, 2-D ones otherwise."""
     if rows[0].get("fid") is not None:
-        return ["method", "variant", "steps", "nfe", "fid", "precision", "recall", "class_accuracy", "wall_seconds"]
+        return ["method", "variant", "steps", "nfe", "fid", "fid_heldout", "precision", "recall", "class_accuracy",
+                "wall_seconds"]
     return ["method", "variant", "steps", "nfe", "sliced_w", "modes_covered", "high_quality", "wall_seconds"]
 
 
