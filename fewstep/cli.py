@@ -273,14 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--steps", default="1,2,4", help=f"student steps, comma-separated (1..{MAX_STUDENT_STEPS})")
     be.add_argument("--seeds", default="3", help="training seeds: 0 .. SEEDS-1 (each also the evaluation seed)")
     be.add_argument("--out", default=None, help="bench folder: results, report and the cache of runs (an earlier "
-                    "bench's folder is reused: finished runs are not trained again, an interrupted one resumes)")
-    be.add_argument("--iterations", default=None, help="override the configs' loop.iterations (quick runs)")
+                    "bench's folder is reused: finished runs are not trained again, an interrupted one resumes; "
+                    "no default: required unless --tables)")
+    be.add_argument("--iterations", default=None, help="override the configs' loop.iterations for quick runs "
+                    "(default: each config's own)")
     be.add_argument("--n", default="2000", help="evaluation samples per model and seed")
     be.add_argument("--teacher-steps", default="1,2,4,8,16,32",
                     help="the teacher's frontier: every sampler at these steps")
     be.add_argument("--remeasure", action="store_true", help="measure again instead of reusing cached evaluations")
     be.add_argument("--tables", default=None, metavar="BENCH_JSON",
-                    help="print the README's markdown tables of a bench.json (or a bench folder) and exit")
+                    help="print the README's markdown tables of a bench.json (or a bench folder) and exit "
+                    "(default: none, run the plan)")
 
     # fewstep zoo build | list
     zo = sub.add_parser("zoo", help="list or rebuild the shipped embedded weights")
