@@ -29,16 +29,23 @@ def test_without_a_gpu_it_fails_in_one_line() -> None:
     assert "--cpu" in res.stderr  # and says what to do instead
 
 
-def test_the_dry_run_prints_one_row_per_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture) -> None:
-    """In this process (the script's imports are the suite's); the variables it sets are put back after."""
+@pytest.fixture
+def gpu_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/gpu_check.py loaded in this process, with no CUDA device visible and a cache of the test's own
+    (main() sets both variables: monkeypatch puts them back after)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return module
+
+
+def test_the_dry_run_prints_one_row_per_check(gpu_check, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """In this process (the script's imports are the suite's); the variables it sets are put back after."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     assert gpu_check.main(["--cpu", "--only", "sample,train,ddp"]) == 0
     out = capsys.readouterr().out
@@ -55,15 +62,8 @@ def test_the_dry_run_prints_one_row_per_check(tmp_path: Path, monkeypatch: pytes
     assert "report.html and eval.json written" in rows[3][5]
 
 
-def test_a_failed_check_is_a_row_and_exit_status_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_failed_check_is_a_row_and_exit_status_1(gpu_check, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # main() sets both: put back after
 
     def broken(*args, **kw):
         raise RuntimeError("NCCL error: unhandled system error\nsecond line")
