@@ -237,6 +237,11 @@ def export(student: Any, format: str = "diffusers", out: str | Path = "export", 
         index = json.loads((folder / "model_index.json").read_text())
         name = next(n for n in DENOISER_COMPONENTS if n in index and index[n][1])
         base_sched = dict(comps.pipe.scheduler.config)
+        absent = _absent_components(index, type(comps.pipe))
+        if absent:  # e.g. the shapes teacher's StableDiffusionPipeline without VAE
+            info["load_kwargs"] = dict.fromkeys(absent)
+        if not den.latent and hasattr(comps.pipe, "vae"):  # a pixel-space pipeline that expects a VAE
+            info["output_type"] = "latent"
     else:
         name = "unet" if den.net.family == "unet" else "transformer"
         base_sched = json.loads(next(p for p in (folder / "scheduler_config.json",
@@ -275,6 +280,18 @@ def export(student: Any, format: str = "diffusers", out: str | Path = "export", 
 
     return _write_folder(out, lambda tmp: (write(tmp), atomic_write_json(tmp / "fewstep_export.json", info),
                                            atomic_write_text(tmp / "README.md", _card(info, name))))
+
+
+def _absent_components(index: dict[str, Any], pipe_cls: type) -> list[str]:
+    """The components ``model_index.json`` leaves out (``[null, null]``) that ``pipe_cls`` requires (taken without a
+    default, not among its ``_optional_components``): ``DiffusionPipeline.from_pretrained`` must be passed them as
+    ``None``."""
+    import inspect
+
+    params = inspect.signature(pipe_cls.__init__).parameters
+    optional = set(getattr(pipe_cls, "_optional_components", []))
+    return [k for k, v in index.items() if isinstance(v, list) and v[:1] == [None] and k in params
+            and params[k].default is inspect.Parameter.empty and k not in optional]
 
 
 def _write_folder(out: Path, write: Any) -> Path:
@@ -321,14 +338,20 @@ def _export_pipeline(den: Any, model: nn.Module, name: str, sched: Any, out: Pat
 def _card(info: dict[str, Any], name: str) -> str:
     steps = info["steps"]
     extra = "".join(f", {key[5:]}={info[key]}" for key in ("pass_timesteps", "pass_sigmas") if key in info)
+    load = "".join(f", {k}=None" for k in info.get("load_kwargs", {}))  # components diffusers must be told are absent
+    if "output_type" in info:  # no VAE: the pipeline's latents are the images
+        extra += f", output_type={info['output_type']!r}"
+    note = ("\nWithout a VAE the pipeline's latents are the images: `output_type=\"latent\"` returns them as tensors "
+            "`(N, C, H, W)` in [-1, 1].\n" if "output_type" in info else "")
     if info["format"] == "diffusers":
-        use = (f"```python\nfrom diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained(DIR)\n"
-               f"images = pipe(..., num_inference_steps={steps}, guidance_scale=1.0{extra}).images\n```\n")
+        use = (f"```python\nfrom diffusers import DiffusionPipeline\n"
+               f"pipe = DiffusionPipeline.from_pretrained(DIR{load})\n"
+               f"images = pipe(..., num_inference_steps={steps}, guidance_scale=1.0{extra}).images\n```\n{note}")
     else:
-        use = (f"```python\npipe = DiffusionPipeline.from_pretrained(\"{info['teacher']}\")\n"
+        use = (f"```python\npipe = DiffusionPipeline.from_pretrained(\"{info['teacher']}\"{load})\n"
                f"pipe.load_lora_weights(DIR)\npipe.scheduler = {info['scheduler']}.from_pretrained(DIR, "
                f"subfolder=\"scheduler\")\nimages = pipe(..., num_inference_steps={steps}, guidance_scale=1.0{extra})"
-               f".images\n```\n")
+               f".images\n```\n{note}")
     return (f"# fewstep {steps}-step student ({info['format']})\n\nDistilled from `{info['teacher']}` with fewstep; "
             f"sampled by `{info['scheduler']}` as fewstep's {steps}-step student sampler.\n\n{use}")
 

@@ -137,6 +137,46 @@ def test_text_to_image_pipeline_round_trip(runs, tmp_path):
     np.testing.assert_allclose(got, _to_unit(student.generator.decode(x)), atol=_atol(student, z))
 
 
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """A two-iteration, 2-step DMD2 student of the shipped shapes teacher (a pixel-space StableDiffusionPipeline
+    without VAE on all-MiniLM-L6-v2's tokens), distilled once."""
+    out = tmp_path_factory.mktemp("export_shapes") / "run"
+    distill("shapes", "dmd2", steps=2, out=out, iterations=2, batch_size=4, sample_every=0, checkpoint_every=100,
+            progress=False, evaluate_n=0)
+    return out
+
+
+def test_shapes_text_student_round_trip(shapes_run, tmp_path):
+    """diffusers' StableDiffusionPipeline, loaded as the export's README says (no VAE: its latents are the images),
+    samples what fewstep samples for the same prompts on the same noise, and the attribute classifier reads both
+    alike."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.data.shapes import heldout_prompts, seen_prompts
+    from fewstep.eval.adherence import load_attribute_classifier
+    from fewstep.models.hf import generate_images
+
+    out = export(str(shapes_run), "diffusers", tmp_path / "out")
+    info = json.loads((out / "fewstep_export.json").read_text())
+    assert info["load_kwargs"] == {"vae": None}
+    assert info["output_type"] == "latent" and "vae=None" in (out / "README.md").read_text()
+    pipe = _pipe(out, **info["load_kwargs"])
+    assert isinstance(pipe, StableDiffusionPipeline) and pipe.vae is None
+    prompts = seen_prompts()[::24] + heldout_prompts()[::8]  # 4 seen and 4 held-out compositions
+    got = pipe(prompts, num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(7),
+               output_type="latent").images
+    student = load_model(shapes_run)
+    # fewstep's prompt sampling draws the same z first, then the same re-noising; zero terminal SNR: sigma_999 = 1,
+    # so both start from z itself
+    want = generate_images(student, prompts, seed=7)
+    z = torch.randn((len(prompts), *student.sample_shape), generator=torch.Generator().manual_seed(7))
+    np.testing.assert_allclose(_to_unit(got), _to_unit(want), atol=_atol(student, z))
+    _, read_got = load_attribute_classifier().predict(got.clamp(-1, 1))
+    _, read_want = load_attribute_classifier().predict(want)
+    np.testing.assert_array_equal(read_got, read_want)
+
+
 def test_sdxl_pipeline_and_lora_round_trip(runs, tmp_path):
     from diffusers import LCMScheduler
 

@@ -288,8 +288,13 @@ class Components:
             from safetensors.torch import load_file
 
             table = load_file(path)
-        else:
-            table = self.encode_prompts(captions)
+        else:  # each distinct caption encoded once (shapes: 640 phrasings of 8,192 captions)
+            distinct = list(dict.fromkeys(captions))
+            table = self.encode_prompts(distinct)
+            if len(distinct) < len(captions):
+                row = {c: i for i, c in enumerate(distinct)}
+                rows = torch.tensor([row[c] for c in captions])
+                table = {k: v[rows] for k, v in table.items()}
             if path is not None:
                 from safetensors.torch import save
 
