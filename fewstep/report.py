@@ -81,6 +81,14 @@ def _inception_weights(weights: str | Path | None) -> tuple[Path | None, str]:
         return None, str(e)
 
 
+def shapes_prompts() -> list[str]:
+    """The prompts a shapes run is measured on: one per composition (the 32 held out of training, then the 96
+    seen), cycled to the sample count."""
+    from .data.shapes import heldout_prompts, seen_prompts
+
+    return heldout_prompts() + seen_prompts()
+
+
 def _test_prompts(model: Any, data: str | None) -> list[str] | None:
     """Text-to-image models measured on an image folder: the held-out split's captions."""
     from .api import _is_text_model
@@ -187,12 +195,17 @@ def _teacher_description(teacher: Any) -> dict[str, Any]:
 
 
 def _features_id(kind: str, inception_weights: Path | None) -> dict[str, Any]:
-    """What measures the samples: the shipped digits classifier's files, or the Inception weights file and
-    torchmetrics' version (2-D points: the metrics alone, covered by :data:`TEACHER_EVAL_VERSION`)."""
+    """What measures the samples: the shipped digits (or shapes attribute) classifier's files, or the Inception
+    weights file and torchmetrics' version (2-D points: the metrics alone, covered by :data:`TEACHER_EVAL_VERSION`)."""
     if kind == "digits":
         from .eval.classifier import DEFAULT_PATH
 
         return {"digits_classifier": [_file_id(Path(DEFAULT_PATH).with_suffix(s)) for s in (".safetensors", ".json")]}
+    if kind == "shapes":
+        from .eval.adherence import DEFAULT_PATH as SHAPES_PATH
+
+        return {"shapes_classifier": [_file_id(SHAPES_PATH.with_suffix(s)) for s in (".safetensors", ".json")],
+                "prompts": hashlib.sha256("\n".join(shapes_prompts()).encode()).hexdigest()}
     if inception_weights is not None:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -360,6 +373,8 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
               ("teacher (heun)", teacher, {"steps": 32, "sampler": "heun", **guide})]
     in_memory = data is not None and not isinstance(data, (str, Path))
     kind = "image" if in_memory and _kind(student) == "digits" else _kind(student)  # no digits classifier on them
+    if data == "shapes" and _is_text_model(student):  # the shapes attribute classifier measures them
+        kind = "shapes"
     if kind != "image" or _inception_weights(inception_weights)[0] is not None:  # a quality to draw against NFE
         settings = {(s, k) for s, ks in TEACHER_CURVE.items() for k in ks} | {("ddim", student.steps)}
         models += [(f"teacher ({s}, {k} steps)", teacher, {"steps": k, "sampler": s, **guide})
@@ -373,10 +388,12 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
         rows, metric_keys, note = _measure_images(run_dir, models, n, seed, inception_weights, data, teacher,
                                                   evaluation)
     else:
-        rows = _rows(models, teacher, lambda model, kw: evaluate(model, data=data, n=n, seed=seed, **kw),
+        prompts = {"prompts": shapes_prompts()} if kind == "shapes" else {}
+        rows = _rows(models, teacher, lambda model, kw: evaluate(model, data=data, n=n, seed=seed, **prompts, **kw),
                      {**evaluation, "features": _features_id(kind, None)})
-        metric_keys = (["fid", "fid_heldout", "precision", "recall", "class_accuracy"] if kind == "digits"
-                       else ["sliced_w", "modes_covered", "high_quality"])
+        metric_keys = {"digits": ["fid", "fid_heldout", "precision", "recall", "class_accuracy"],
+                       "shapes": ["fid", "adherence", "adherence_seen", "adherence_heldout", "precision", "recall"]
+                       }.get(kind, ["sliced_w", "modes_covered", "high_quality"])
     rows, extra = rows[:3], rows[3:]  # the table's rows; the rest only draw the teacher's curve
     rows[0]["steps"] = student.steps
     atomic_write_json(run_dir / "eval.json", rows)
@@ -400,7 +417,11 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
     cfg = yaml.safe_load(config_text) if config_text else {}
     against = {"digits": "the train split (fid_heldout: the held-out split, the memorisation check)",
-               "points": "the held-out split"}.get(kind, "the held-out split")
+               "points": "the held-out split",
+               "shapes": "real drawings of the same prompts, on the shapes attribute classifier's features (one "
+                         "prompt per composition cycled, the 32 held out of training first; adherence: the share "
+                         "of samples whose four attributes the classifier reads as the prompt names)"
+               }.get(kind, "the held-out split")
     measured = (f"{n} samples each, measured against {against}." if kind != "image" or metric_keys
                 else "NFE and sampling time per model.")
     text = (f"{cfg.get('method', 'student')} student of teacher {cfg.get('teacher')} on {cfg.get('data') or data}, "
