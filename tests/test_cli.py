@@ -400,3 +400,46 @@ def test_step_limit_follows_the_schedule() -> None:
             assert len(sampling_grid(schedule, sampler, most)) == most + 1
         with pytest.raises(UserError, match=f"--steps {most + 1} is more than .*; pass --steps {most} or fewer"):
             check_steps(most + 1, schedule)
+
+
+def test_text_demo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fewstep demo --text` on the shipped shapes teacher (3 DMD2 iterations, 16 samples): the table's rows carry
+    adherence, its grids are labelled by their prompts, both reports stand alone."""
+    import yaml
+
+    from fewstep.data.shapes import heldout_prompts, seen_prompts
+    from fewstep.demo import GRID_NOISE, _spread
+    from fewstep.distillation import make_config
+    from test_report_html import assert_self_contained
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--text", "--n", "16", "--distill-iterations", "3"]) == 0
+    demo = tmp_path / "runs" / "demo-text"
+    rows = json.loads((demo / "metrics.json").read_text())
+    teacher = [r for r in rows if r["model"] == "teacher"]
+    assert [(r["sampler"], r["nfe"]) for r in teacher] == [("ddim", 1), ("ddim", 2), ("ddim", 4), ("ddim", 8),
+                                                           ("heun", 15), ("heun", 31), ("heun", 63), ("heun", 30)]
+    assert teacher[-1]["cfg_scale"] == 3.0 and rows[-1]["model"] == "DMD2 student" and rows[-1]["nfe"] == 1
+    for r in rows:  # 16 samples: the first 16 held-out compositions, so adherence is the held-out one
+        assert 0 <= r["adherence"] <= 1 and r["adherence"] == r["adherence_heldout"] and r["fid"] > 0, r
+    eval_rows = json.loads((demo / "dmd2" / "eval.json").read_text())
+    assert [r["model"] for r in eval_rows] == ["student", "teacher (ddim)", "teacher (heun)"]
+    assert all(r["adherence"] is not None for r in eval_rows)
+    # the run used configs/dmd2_shapes.yaml's settings (beside the loop's own for a 3-iteration run)
+    shipped = make_config("dmd2", str(Path(__file__).resolve().parent.parent / "configs" / "dmd2_shapes.yaml"))
+    ran = yaml.safe_load((demo / "dmd2" / "config.yaml").read_text())
+    assert {k: v for k, v in ran.items() if k not in ("loop", "data")} == \
+        {k: v for k, v in shipped.model_dump(mode="json").items() if k not in ("loop", "data")}
+    assert ran["loop"]["batch_size"] == shipped.loop.batch_size
+    text = (demo / "report.html").read_text()
+    for prompt in _spread(seen_prompts()) + _spread(heldout_prompts()):  # each grid's rows, named in its caption
+        assert prompt in text
+    pictures = assert_self_contained(demo / "report.html")
+    assert len(pictures) == 1 + 2 + 1  # NFE curve, the seen and held-out grids, the run's last grid
+    from PIL import Image
+
+    for name in ("seen", "heldout"):  # 8 prompt rows of 3 models x GRID_NOISE tiles of 16 px upscaled, plus labels
+        width, height = Image.open(demo / "samples" / f"{name}.png").size
+        assert width > 3 * GRID_NOISE * 16 * 2 and height > 8 * 16 * 2
+    assert assert_self_contained(demo / "dmd2" / "report.html")
+    assert not (tmp_path / "runs" / "demo").exists()  # the digits demo's place is left alone

@@ -162,6 +162,21 @@ def reference_images(checked: list[dict[str, int]], n: int, seed: int = REFERENC
     return draw(attrs, seed + 1)
 
 
+#: the reference's features of the last few (classifier, prompts, count): every model of a run is measured on one
+_REFERENCE_FEATURES: dict[tuple, tuple[AttributeClassifier, Tensor]] = {}
+
+
+def _reference_features(model: AttributeClassifier, checked: list[dict[str, int]], n: int) -> Tensor:
+    """``model``'s features of :func:`reference_images` ``(checked, n)``, drawn and classified once per key."""
+    key = (id(model), n, tuple(tuple(sorted(c.items())) for c in checked))
+    hit = _REFERENCE_FEATURES.get(key)
+    if hit is None or hit[0] is not model:  # (the model itself is kept: an id is reused once its object is freed)
+        if len(_REFERENCE_FEATURES) >= 8:
+            _REFERENCE_FEATURES.pop(next(iter(_REFERENCE_FEATURES)))
+        hit = _REFERENCE_FEATURES[key] = (model, model.predict(reference_images(checked, n))[0])
+    return hit[1]
+
+
 def evaluate_shapes(samples: Tensor, prompts: list[str] | None = None, labels: Tensor | None = None,
                     classifier: AttributeClassifier | None = None, reference_n: int = 2048) -> dict[str, Any]:
     """Adherence, FID, precision and recall of images ``(N, 3, 16, 16)`` made for ``prompts`` (one per sample) or
@@ -192,7 +207,7 @@ def evaluate_shapes(samples: Tensor, prompts: list[str] | None = None, labels: T
     else:
         checked = [{}]
     f_fake, pred = model.predict(x)
-    f_real, _ = model.predict(reference_images(checked, max(reference_n, n)))
+    f_real = _reference_features(model, checked, max(reference_n, n))
     precision, recall = precision_recall(f_real, f_fake, k=3)
     out: dict[str, Any] = {"fid": frechet_distance(*feature_stats(f_fake), *feature_stats(f_real)),
                            "precision": precision, "recall": recall, "adherence": None}

@@ -132,6 +132,43 @@ def save_grid(
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def save_labelled_grid(images: Tensor | np.ndarray, path: str | os.PathLike, row_labels: list[str],
+                       col_labels: list[str] | None = None, title: str | None = None) -> Path:
+    """Write a grid of images ``(R, C, ch, H, W)`` in ``[-1, 1]`` with each row labelled on its left (e.g. by the
+    prompt its images were made for) and optionally each column on top (e.g. the model and noise)."""
+    from matplotlib.figure import Figure
+
+    x = _numpy(images)
+    if x.ndim != 5 or x.shape[2] not in (1, 3) or 0 in x.shape[:2]:
+        raise UserError(f"save_labelled_grid takes images (rows, columns, 1 or 3, H, W), got shape {x.shape}")
+    rows, cols = x.shape[:2]
+    if len(row_labels) != rows or (col_labels is not None and len(col_labels) != cols):
+        raise UserError(f"{rows} x {cols} images need {rows} row labels and {cols} column labels, got "
+                        f"{len(row_labels)} and {len(col_labels or [])}")
+    ch, h, w = x.shape[2:]
+    pad = 1  # grey gutter between tiles, in image pixels
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, ch), 128, dtype=np.uint8)
+    tiles = ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 1, 3, 4, 2)  # R C H W ch
+    for r in range(rows):
+        for c in range(cols):
+            canvas[pad + r * (h + pad) : (r + 1) * (h + pad), pad + c * (w + pad) : (c + 1) * (w + pad)] = tiles[r, c]
+    fig = Figure(figsize=(0.62 * cols + 3.0, 0.62 * rows + (0.9 if col_labels else 0.3)))
+    ax = fig.add_subplot(1, 1, 1)  # one picture (fast to draw), its ticks the labels
+    ax.imshow(canvas[..., 0] if ch == 1 else canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_yticks([pad + r * (h + pad) + h / 2 - 0.5 for r in range(rows)], row_labels, fontsize=8)
+    if col_labels:
+        ax.xaxis.tick_top()
+        ax.set_xticks([pad + c * (w + pad) + w / 2 - 0.5 for c in range(cols)], col_labels, fontsize=6.5)
+    else:
+        ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save_figure(fig, path)
+
+
 def _save_figure(fig, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
