@@ -82,14 +82,21 @@ def student_rows(name: str, n: int, seeds: list[int], work: Path, iterations: in
     from fewstep.distillation import distill
     from fewstep.methods.lightning import load_student
 
+    from fewstep.api import load_model
+
     method, variant, steps, overrides = VARIANTS[name]
     per_steps: dict[int, list[dict]] = {}
     for seed in seeds:
         out = work / f"{name}-{seed}"
-        start = time.perf_counter()
-        student = distill("shapes", method, steps=steps, out=out, config=ROOT / "configs" / f"{method}_shapes.yaml",
-                          seed=seed, iterations=iterations, progress=False, evaluate_n=0, **overrides)
-        wall = time.perf_counter() - start
+        if (out / "student.safetensors").is_file() and iterations is None:  # a finished run kept by --keep
+            student, wall = load_model(out), kept_wall_seconds(out)
+        else:
+            start = time.perf_counter()
+            student = distill("shapes", method, steps=steps, out=out, seed=seed, iterations=iterations,
+                              config=ROOT / "configs" / f"{method}_shapes.yaml", progress=False, evaluate_n=0,
+                              **overrides)
+            wall = time.perf_counter() - start
+            (out / "wall_seconds.txt").write_text(f"{wall}\n")
         students = ({k: load_student(out / "students" / f"steps_{k}") for k in LIGHTNING_STEPS}
                     if method == "lightning" else {steps: student})
         for k, s in students.items():
@@ -102,10 +109,21 @@ def student_rows(name: str, n: int, seeds: list[int], work: Path, iterations: in
     return rows
 
 
+def kept_wall_seconds(out: Path) -> float:
+    """The distillation wall time of a kept run: recorded beside it, else its training log's last elapsed time."""
+    import json
+
+    if (out / "wall_seconds.txt").is_file():
+        return float((out / "wall_seconds.txt").read_text())
+    return float(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["seconds"])
+
+
 def line(r: dict) -> str:
+    def f(key: str) -> str:
+        return "-" if r.get(key) is None else f"{r[key]:.3f}"
+
     return (f"{r['method']:>9} {r['variant']:>10} steps {r['steps'] or '-':>2} nfe {r['nfe'] or '-':>3}  adherence "
-            f"{r['adherence']:.3f} (seen {r['adherence_seen']:.3f}, held-out {r['adherence_heldout']:.3f})  "
-            f"fid {r['fid']:.4g}")
+            f"{f('adherence')} (seen {f('adherence_seen')}, held-out {f('adherence_heldout')})  fid {r['fid']:.4g}")
 
 
 def main() -> None:
@@ -116,7 +134,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--n", type=int, default=512, help="samples per model (4 per prompt at 512)")
     p.add_argument("--iterations", type=int, default=None, help="override the configs' iterations (smoke runs)")
-    p.add_argument("--keep", default=None, help="keep the run directories in this folder")
+    p.add_argument("--keep", default=None, help="keep the run directories in this folder; a finished run found there "
+                                                "is measured again, not trained again (more seeds add up)")
     a = p.parse_args()
 
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
