@@ -183,9 +183,9 @@ def run_text_demo(out: Path, n: int = TEXT_DEMO_N, seed: int = 0,
     atomic_write_json(out / "metrics.json", rows)
     keys = ["model", "sampler", "steps", "cfg_scale", "nfe", "adherence", "adherence_seen", "adherence_heldout",
             "fid", "precision", "recall", "seconds_per_1000"]
-    models = [("teacher Heun 8", teacher, {"steps": 8, "sampler": "heun", "cfg_scale": guidance}),
-              ("DMD2 student", student, {}),
-              ("teacher DDIM 1", teacher, {"steps": 1, "sampler": "ddim", "cfg_scale": guidance})]
+    models = [("teacher\nHeun 8", teacher, {"steps": 8, "sampler": "heun", "cfg_scale": guidance}),
+              ("DMD2\nstudent", student, {}),
+              ("teacher\nDDIM 1", teacher, {"steps": 1, "sampler": "ddim", "cfg_scale": guidance})]
     grids = []
     for what, prompts in tqdm([("seen", _spread(seen_prompts())), ("held-out", _spread(heldout_prompts()))],
                               desc="sample grids", unit="grid"):
