@@ -10,7 +10,7 @@ the four compositions held out of training, then ``shapes_seen.txt``'s 96), the 
 :func:`fewstep.eval.adherence.evaluate_shapes` (the shipped attribute classifier): ``adherence`` (all named attributes
 right), ``adherence_seen`` / ``adherence_heldout``, and FID / precision / recall on the classifier's features against
 real drawings for the same prompts. Rows: real drawings (FID's floor at this sample count), the teacher (DDIM 1 and 4,
-Heun 8) at CFG 1, 2 and 3, then each student: DMD2 (CFG 1 and 2 on the real score) at 1 and 4 steps, ADD at 1 and 4,
+Heun 8) at CFG 1, 2 and 3 and at Heun 16 and 32 unguided, then each student: DMD2 (CFG 1 and 2 on the real score) at 1 and 4 steps, ADD at 1 and 4,
 SDXL-Lightning (one ladder run gives its 4-step and 1-step students), DisBack (+ DMD2) at 1 and 4, each with its
 shipped config ``configs/<method>_shapes.yaml``. Writes ``benchmarks/results/shapes.json`` and prints the table.
 """
@@ -38,7 +38,8 @@ VARIANTS = {
     "disback": ("disback", "dmd2", 1, {}),
     "disback-4step": ("disback", "dmd2", 4, {}),
 }
-TEACHER = [(sampler, steps, cfg) for sampler, steps in (("ddim", 1), ("ddim", 4), ("heun", 8)) for cfg in (1.0, 2.0, 3.0)]
+TEACHER = ([(sampler, steps, cfg) for sampler, steps in (("ddim", 1), ("ddim", 4), ("heun", 8)) for cfg in (1.0, 2.0, 3.0)]
+           + [("heun", 16, 1.0), ("heun", 32, 1.0)])  # more Heun steps unguided: the teacher's best FID
 LIGHTNING_STEPS = (4, 1)
 COLUMNS = ["method", "variant", "steps", "nfe", "adherence", "adherence_seen", "adherence_heldout", "fid",
            "precision", "recall", "seconds_per_1000", "wall_seconds"]
