@@ -46,9 +46,9 @@ COLUMNS = ["method", "variant", "steps", "nfe", "adherence", "adherence_seen", "
 
 
 def prompts() -> list[str]:
-    from fewstep.data.shapes import heldout_prompts, seen_prompts
+    from fewstep.data.shapes import evaluation_prompts
 
-    return heldout_prompts() + seen_prompts()
+    return evaluation_prompts()
 
 
 def measure(model, n: int, seed: int, **sampling) -> dict:

@@ -159,10 +159,10 @@ def run_text_demo(out: Path, n: int = TEXT_DEMO_N, seed: int = 0,
     import json
 
     from .api import check_sample_count, evaluate, load_teacher
-    from .data.shapes import heldout_prompts, seen_prompts
+    from .data.shapes import evaluation_prompts, heldout_prompts, seen_prompts
     from .distillation import distill
     from .eval.report import write_report
-    from .report import shapes_prompts, write_run_report
+    from .report import write_run_report
 
     out = Path(out)
     check_sample_count(n, (3, 16, 16))  # before anything is made
@@ -178,7 +178,7 @@ def run_text_demo(out: Path, n: int = TEXT_DEMO_N, seed: int = 0,
     curve = json.loads((out / "dmd2" / "nfe_curve.json").read_text())  # the teacher's rows, then the student's
     rows = [{**r, "model": "DMD2 student" if r["sampler"] == "student" else "teacher"} for r in curve]
     guided = evaluate(teacher, n=n, steps=8, sampler="heun", cfg_scale=TEXT_DEMO_CFG, seed=seed,
-                      prompts=shapes_prompts())
+                      prompts=evaluation_prompts())
     rows.insert(len(rows) - 1, {**guided, "model": "teacher"})
     atomic_write_json(out / "metrics.json", rows)
     keys = ["model", "sampler", "steps", "cfg_scale", "nfe", "adherence", "adherence_seen", "adherence_heldout",

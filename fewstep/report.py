@@ -81,14 +81,6 @@ def _inception_weights(weights: str | Path | None) -> tuple[Path | None, str]:
         return None, str(e)
 
 
-def shapes_prompts() -> list[str]:
-    """The prompts a shapes run is measured on: one per composition (the 32 held out of training, then the 96
-    seen), cycled to the sample count."""
-    from .data.shapes import heldout_prompts, seen_prompts
-
-    return heldout_prompts() + seen_prompts()
-
-
 def _test_prompts(model: Any, data: str | None) -> list[str] | None:
     """Text-to-image models measured on an image folder: the held-out split's captions."""
     from .api import _is_text_model
@@ -202,10 +194,11 @@ def _features_id(kind: str, inception_weights: Path | None) -> dict[str, Any]:
 
         return {"digits_classifier": [_file_id(Path(DEFAULT_PATH).with_suffix(s)) for s in (".safetensors", ".json")]}
     if kind == "shapes":
+        from .data.shapes import evaluation_prompts
         from .eval.adherence import DEFAULT_PATH as SHAPES_PATH
 
         return {"shapes_classifier": [_file_id(SHAPES_PATH.with_suffix(s)) for s in (".safetensors", ".json")],
-                "prompts": hashlib.sha256("\n".join(shapes_prompts()).encode()).hexdigest()}
+                "prompts": hashlib.sha256("\n".join(evaluation_prompts()).encode()).hexdigest()}
     if inception_weights is not None:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -388,7 +381,9 @@ def write_run_report(run_dir: Path, student: Any, teacher: Any, n: int = 1000, s
         rows, metric_keys, note = _measure_images(run_dir, models, n, seed, inception_weights, data, teacher,
                                                   evaluation)
     else:
-        prompts = {"prompts": shapes_prompts()} if kind == "shapes" else {}
+        from .data.shapes import evaluation_prompts
+
+        prompts = {"prompts": evaluation_prompts()} if kind == "shapes" else {}
         rows = _rows(models, teacher, lambda model, kw: evaluate(model, data=data, n=n, seed=seed, **prompts, **kw),
                      {**evaluation, "features": _features_id(kind, None)})
         metric_keys = {"digits": ["fid", "fid_heldout", "precision", "recall", "class_accuracy"],

@@ -178,3 +178,9 @@ def seen_prompts(template: int = 0) -> list[str]:
     """One prompt per composition seen in training (96 prompts)."""
     combos = decode_labels(np.arange(NUM_CLASSES))
     return [caption(a, template) for a in combos[~is_heldout(combos)]]
+
+
+def evaluation_prompts() -> list[str]:
+    """The prompts shapes models are measured on (run reports, ``fewstep demo --text``, benchmarks/shapes.py): one per
+    composition, the 32 held out of training first, then the 96 seen (128), cycled to the sample count."""
+    return heldout_prompts() + seen_prompts()
