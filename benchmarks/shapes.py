@@ -12,7 +12,8 @@ right), ``adherence_seen`` / ``adherence_heldout``, and FID / precision / recall
 real drawings for the same prompts. Rows: real drawings (FID's floor at this sample count), the teacher (DDIM 1 and 4,
 Heun 8) at CFG 1, 2 and 3 and at Heun 16 and 32 unguided, then each student: DMD2 (CFG 1 and 2 on the real score) at 1 and 4 steps, ADD at 1 and 4,
 SDXL-Lightning (one ladder run gives its 4-step and 1-step students), DisBack (+ DMD2) at 1 and 4, each with its
-shipped config ``configs/<method>_shapes.yaml``. Writes ``benchmarks/results/shapes.json`` and prints the table.
+shipped config ``configs/<method>_shapes.yaml``. Writes ``benchmarks/results/shapes.json`` and prints the table
+(``python benchmarks/tables.py shapes`` prints it again from the file).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, average, markdown_table, meta, write_results  # noqa: E402
+from common import ROOT, average, markdown_table, meta, method_columns, write_results  # noqa: E402
 
 # name: (method, variant, steps, config overrides)
 VARIANTS = {
@@ -41,9 +42,6 @@ VARIANTS = {
 TEACHER = ([(sampler, steps, cfg) for sampler, steps in (("ddim", 1), ("ddim", 4), ("heun", 8)) for cfg in (1.0, 2.0, 3.0)]
            + [("heun", 16, 1.0), ("heun", 32, 1.0)])  # more Heun steps unguided: the teacher's best FID
 LIGHTNING_STEPS = (4, 1)
-COLUMNS = ["method", "variant", "steps", "nfe", "adherence", "adherence_seen", "adherence_heldout", "fid",
-           "precision", "recall", "seconds_per_1000", "wall_seconds"]
-
 
 def prompts() -> list[str]:
     from fewstep.data.shapes import evaluation_prompts
@@ -119,6 +117,20 @@ def kept_wall_seconds(out: Path) -> float:
     return float(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["seconds"])
 
 
+def ordered(rows: list[dict]) -> list[dict]:
+    """Real drawings, the teacher, then the students in VARIANTS' order, more steps first within a variant."""
+    names = [(m, v) for m, v, _, _ in VARIANTS.values()]
+    rank = {"real": -2, "teacher": -1}
+
+    def key(r: dict) -> tuple:
+        if r["method"] in rank:
+            return (rank[r["method"]], 0, 0)
+        pair = (r["method"], r["variant"])
+        return (names.index(pair) if pair in names else len(names), 0, -(r["steps"] or 0))
+
+    return sorted(rows, key=key)
+
+
 def line(r: dict) -> str:
     def f(key: str) -> str:
         return "-" if r.get(key) is None else f"{r[key]:.3f}"
@@ -154,7 +166,7 @@ def main() -> None:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     path = write_results("shapes", meta(a.seeds, n=a.n), rows)
-    print("\n" + markdown_table(rows, COLUMNS))
+    print("\n" + markdown_table(ordered(rows), method_columns(rows)))
     print(f"\nwrote {path}")
 
 

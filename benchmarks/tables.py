@@ -1,7 +1,7 @@
 """Print the README's benchmark tables from benchmarks/results/*.json, or from a `fewstep bench` result.
 
     python benchmarks/tables.py teacher_nfe
-    python benchmarks/tables.py dmd2     # or add, lightning
+    python benchmarks/tables.py dmd2     # or add, lightning, dmd2_fake_t, shapes
     python benchmarks/tables.py DIR/bench.json   # the same as `fewstep bench --tables DIR/bench.json`
 """
 from __future__ import annotations

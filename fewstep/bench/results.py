@@ -70,7 +70,11 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str], headers: dict
 
 
 def method_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The README columns of a method table: image metrics when the rows have an FID, 2-D ones otherwise."""
+    """The README columns of a method table: prompt adherence and FID for text-to-image rows (shapes), image metrics
+    when the rows have an FID, 2-D ones otherwise."""
+    if any(r.get("adherence") is not None for r in rows):
+        return ["method", "variant", "steps", "nfe", "adherence", "adherence_seen", "adherence_heldout", "fid",
+                "precision", "recall", "seconds_per_1000", "wall_seconds"]
     if rows[0].get("fid") is not None:
         return ["method", "variant", "steps", "nfe", "fid", "fid_heldout", "precision", "recall", "class_accuracy",
                 "wall_seconds"]
