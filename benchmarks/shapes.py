@@ -62,7 +62,7 @@ def real_row(n: int, seeds: list[int]) -> dict:
     p = [prompts()[i % len(prompts())] for i in range(n)]
     return average([{"data": "shapes", "method": "real", "variant": "drawings", "steps": None, "nfe": None,
                      **evaluate_shapes(reference_images(prompt_attributes(p), n, seed=REFERENCE_SEED + 1000 + s), p),
-                     "iterations": None, "wall_seconds": None} for s in seeds])
+                     "iterations": None, "wall_seconds": None, "seeds": len(seeds)} for s in seeds])
 
 
 def teacher_rows(n: int, seeds: list[int]) -> list[dict]:
@@ -72,7 +72,7 @@ def teacher_rows(n: int, seeds: list[int]) -> list[dict]:
     for sampler, steps, cfg in TEACHER:
         rows.append(average([{"data": "shapes", "method": "teacher", "variant": f"{sampler} cfg{cfg:g}",
                               "steps": steps, **measure(teacher, n, s, steps=steps, sampler=sampler, cfg_scale=cfg),
-                              "iterations": None, "wall_seconds": None} for s in seeds]))
+                              "iterations": None, "wall_seconds": None, "seeds": len(seeds)} for s in seeds]))
         print(line(rows[-1]), flush=True)
     return rows
 
@@ -102,7 +102,7 @@ def student_rows(name: str, n: int, seeds: list[int], work: Path, iterations: in
             per_steps.setdefault(k, []).append(
                 {"data": "shapes", "method": method, "variant": variant, "steps": k, **measure(s, n, seed),
                  "iterations": student.info["meta"]["iterations"], "wall_seconds": wall})
-    rows = [average(per_steps[k]) for k in sorted(per_steps, reverse=True)]
+    rows = [{**average(per_steps[k]), "seeds": len(seeds)} for k in sorted(per_steps, reverse=True)]
     for r in rows:
         print(line(r), flush=True)
     return rows

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Iterable
 
 #: row keys that identify a row or count something and are never averaged
-_NOT_AVERAGED = ("steps", "nfe", "iterations")
+_NOT_AVERAGED = ("steps", "nfe", "iterations", "seeds")
 
 
 def machine() -> str:
@@ -73,8 +73,8 @@ def method_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The README columns of a method table: prompt adherence and FID for text-to-image rows (shapes), image metrics
     when the rows have an FID, 2-D ones otherwise."""
     if any(r.get("adherence") is not None for r in rows):
-        return ["method", "variant", "steps", "nfe", "adherence", "adherence_seen", "adherence_heldout", "fid",
-                "precision", "recall", "seconds_per_1000", "wall_seconds"]
+        return ["method", "variant", "steps", "nfe", "seeds", "adherence", "adherence_seen", "adherence_heldout",
+                "fid", "precision", "recall", "seconds_per_1000", "wall_seconds"]
     if rows[0].get("fid") is not None:
         return ["method", "variant", "steps", "nfe", "fid", "fid_heldout", "precision", "recall", "class_accuracy",
                 "wall_seconds"]
