@@ -30,6 +30,13 @@ def _last_grid(run_dir: Path) -> str:
     return str(grids[-1].relative_to(run_dir.parent)) if grids else ""
 
 
+def _dmd2_run_section(out: Path) -> dict[str, Any]:
+    """The demo report's last section: where the DMD2 run's own report is, and its last sample grid."""
+    return {"heading": "The DMD2 run", "text": "dmd2/report.html shows its training curves, sample grids over training "
+                                               "and resolved config.",
+            "images": [("DMD2 samples at the end of training", _last_grid(out / "dmd2"))]}
+
+
 DEMO_DISTILL_ITERATIONS = 1500  # DMD2's default budget; the whole demo takes about 7 minutes on 2 CPU cores
 #: samples in each grid of the demo's report (one row per ten classes)
 GRID_N = 100
@@ -94,9 +101,7 @@ def run_demo(out: Path, n: int = 1000, seed: int = 0, distill_iterations: int = 
          "table": [{k: r.get(k) for k in keys} for r in rows],
          "images": [("FID against NFE: the teacher per sampler, the student a point", "dmd2/nfe_curve.png")]},
         {"heading": "Samples (one column per class)", "images": images},
-        {"heading": "The DMD2 run", "text": "dmd2/report.html shows its training curves, sample grids over training "
-                                            "and resolved config.",
-         "images": [("DMD2 samples at the end of training", _last_grid(out / "dmd2"))]},
+        _dmd2_run_section(out),
     ]
     return write_report(out / "report.html", "fewstep demo: digits", sections)
 
@@ -209,8 +214,6 @@ def run_text_demo(out: Path, n: int = TEXT_DEMO_N, seed: int = 0,
          "table": [{k: r.get(k) for k in keys} for r in rows],
          "images": [("FID against NFE: the teacher per sampler, the student a point", "dmd2/nfe_curve.png")]},
         {"heading": "Samples, labelled by their prompts", "images": grids},
-        {"heading": "The DMD2 run", "text": "dmd2/report.html shows its training curves, sample grids over training "
-                                            "and resolved config.",
-         "images": [("DMD2 samples at the end of training", _last_grid(out / "dmd2"))]},
+        _dmd2_run_section(out),
     ]
     return write_report(out / "report.html", "fewstep demo --text: the shapes text-to-image teacher", sections)
