@@ -122,7 +122,23 @@ def run_curve(method_name: str, teacher: Any, cfg: Any, dataset: Any, data: str,
               offset: int = 0, save_at: int | None = None, save_to: Path | None = None) -> list[dict[str, Any]]:
     """Train one run, evaluating the generator every ``cfg.loop.sample_every`` iterations (and before the first);
     ``save_at``: also write the generator's network weights at that iteration to ``save_to`` (a student to start
-    from)."""
+    from).
+
+    A finished curve is kept as ``out/curve.json`` (with ``--keep``, the folder survives), and a run whose curve (and
+    student, with ``save_at``) is there is not trained again: an interrupted benchmark goes on from its last finished
+    run."""
+    import json
+
+    from fewstep.io import atomic_write_bytes
+
+    cached = out / "curve.json"
+    if cached.is_file() and (save_to is None or save_to.is_file()):
+        saved = json.loads(cached.read_text())
+        if saved.get("config") == cfg.model_dump(mode="json"):
+            print(f"  {data:>7} {method_name:>8} reusing the finished curve in {cached}", flush=True)
+            return saved["rows"]
+    if out.exists():  # an unfinished (or other) run: start it afresh
+        shutil.rmtree(out)
     torch.manual_seed(cfg.loop.seed)
     method = (DMD2Method if method_name == "dmd2" else DisBackMethod)(teacher, cfg)
     rows: list[dict[str, Any]] = []
@@ -157,6 +173,7 @@ def run_curve(method_name: str, teacher: Any, cfg: Any, dataset: Any, data: str,
                      "wall_seconds": round(time.perf_counter() - start - timing["eval"], 2)})
         offset += rec
     train(method, dataset, cfg.loop, out, sample_fn=lambda step, _path: measure(offset + step), config=cfg)
+    atomic_write_bytes(cached, json.dumps({"config": cfg.model_dump(mode="json"), "rows": rows}).encode())
     return rows
 
 
