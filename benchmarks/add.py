@@ -69,18 +69,33 @@ def logged(run_dir: Path, second_half: bool = False) -> dict[str, float | None]:
 
 def run(data: str, work: Path, name: str, seed: int, iterations: int | None, n: int | None,
         **overrides: Any) -> tuple[dict[str, Any], Path]:
-    """One 1-step ADD run with the shipped config and ``overrides``; its evaluation (None: not evaluated)."""
+    """One 1-step ADD run with the shipped config and ``overrides``; its evaluation (None: not evaluated).
+
+    The row is kept beside the run (``bench_row.json``); a run whose row is there, for the same config file, overrides,
+    iterations and ``n``, is not trained again (``sweep --keep``: an interrupted sweep goes on where it stopped)."""
+    import json
+
     from fewstep.api import evaluate
     from fewstep.distillation import distill
+    from fewstep.io import atomic_write_json
 
     config = ROOT / "configs" / f"add_{data}.yaml"
     out = work / f"{data}-{name}-{seed}"
+    key = {"config": config.read_text(), "overrides": overrides, "iterations": iterations, "n": n, "seed": seed}
+    cached = out / "bench_row.json"
+    if cached.is_file():
+        saved = json.loads(cached.read_text())
+        if saved.get("key") == key:
+            return saved["row"], out
+    if out.exists():  # unfinished or made otherwise: train afresh
+        shutil.rmtree(out)
     start = time.perf_counter()
     student = distill(data, "add", steps=1, out=out, config=config, seed=seed, iterations=iterations,
                       progress=False, evaluate_n=0, **overrides)
     row = {"iterations": student.info["meta"]["iterations"], "wall_seconds": round(time.perf_counter() - start, 2)}
     if n:
         row.update(evaluate(student, n=n, seed=seed))
+    atomic_write_json(cached, {"key": key, "row": row})
     return row, out
 
 
@@ -120,7 +135,11 @@ def sweep(argv: list[str]) -> None:
     p.add_argument("--lambdas-sum", nargs="+", type=float, default=None, help="the sum lambdas (no calibration)")
     p.add_argument("--lambdas-mean", nargs="+", type=float, default=None, help="the mean lambdas (no calibration)")
     p.add_argument("--calibration-iterations", type=int, default=200)
-    p.add_argument("--default", default=None, help="REDUCTION:LAMBDA for the ablation (default: the sweep's best)")
+    p.add_argument("--default", default=None,
+                   help="REDUCTION:LAMBDA (or REDUCTION:ratioR, a calibrated target ratio) for the ablation "
+                        "(default: the sweep's best)")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="keep the runs here and reuse the finished ones (default: a temp folder, removed)")
     p.add_argument("--n", type=int, default=2000, help="evaluation samples")
     p.add_argument("--iterations", type=int, default=None, help="override the configs' iterations (quick runs)")
     p.add_argument("--name", default="add_sweep", help="results file benchmarks/results/<name>.json")
@@ -128,7 +147,8 @@ def sweep(argv: list[str]) -> None:
 
     rows: list[dict[str, Any]] = []
     calibration: dict[str, Any] = {}
-    work = Path(tempfile.mkdtemp(prefix="fewstep-add-sweep-"))
+    work = a.keep or Path(tempfile.mkdtemp(prefix="fewstep-add-sweep-"))
+    work.mkdir(parents=True, exist_ok=True)
 
     def measure(data: str, variant: str, **overrides: Any) -> dict[str, Any]:
         per_seed = []
@@ -139,6 +159,7 @@ def sweep(argv: list[str]) -> None:
                              "distill_weight": overrides.get("distill_weight"), **row, **logged(out)})
         rows.append(average(per_seed))
         r = rows[-1]
+        write_results(a.name, meta(a.seeds, n=a.n, iterations=a.iterations, partial=True), [r])  # as rows land
         print(f"  {data:>7} {variant:<28} {METRIC[data]} {fmt(r[METRIC[data]], r.get(METRIC[data] + '_std'))}  "
               f"ratio {fmt(r.get('grad_ratio'))} cos {fmt(r.get('grad_cos'))}", flush=True)
         return r
@@ -159,31 +180,46 @@ def sweep(argv: list[str]) -> None:
                     r = measure(data, f"{reduction}-lambda{lam:.4g}", distill_reduction=reduction,
                                 distill_weight=lam)
                     r["target_ratio"] = aim
-                    sweep_rows.setdefault(f"{reduction}:{lam:.6g}", []).append(r)
+                    # calibrated lambdas differ per data set: a setting is then its reduction and target ratio
+                    setting = f"{reduction}:ratio{aim:g}" if aim is not None else f"{reduction}:{lam:.6g}"
+                    sweep_rows.setdefault(setting, []).append(r)
         if a.default is not None:
-            reduction, lam = a.default.split(":")
-            chosen, why = (reduction, float(lam)), "given with --default"
+            chosen_key, why = a.default, "given with --default"
         else:  # the best mean rank over the data sets, among the settings run on every data set
             complete = {k: v for k, v in sweep_rows.items() if len(v) == len(a.data)}
+            if not complete:
+                raise SystemExit("no sweep setting ran on every data set: give --default REDUCTION:LAMBDA")
             rank = {k: 0.0 for k in complete}
             for data in a.data:
                 order = sorted(complete, key=lambda k: next(r for r in complete[k] if r["data"] == data)[METRIC[data]])
                 for i, k in enumerate(order):
                     rank[k] += i / len(a.data)
-            best = min(rank, key=rank.get)
-            reduction, lam = best.split(":")
-            chosen, why = (reduction, float(lam)), f"best mean rank over {a.data} ({rank[best]:.2f})"
-        print(f"default: distill_reduction {chosen[0]}, lambda {chosen[1]:.4g} ({why})", flush=True)
+            chosen_key = min(rank, key=rank.get)
+            why = f"best mean rank over {a.data} ({rank[chosen_key]:.2f}; 0 = best on every data set)"
+        reduction, value = chosen_key.split(":")
+        lambdas_of = {}  # the chosen lambda per data set
+        for data in a.data:
+            if value.startswith("ratio"):
+                aim = float(value[len("ratio"):])
+                cal = calibration.get(data, {}).get(reduction)
+                if cal is None:
+                    raise SystemExit(f"--default {chosen_key}: no {reduction} calibration for {data}")
+                lambdas_of[data] = cal["lambdas"][min(range(len(a.ratios)), key=lambda i: abs(a.ratios[i] - aim))]
+            else:
+                lambdas_of[data] = float(value)
+        chosen = (reduction, chosen_key)
+        print(f"default: distill_reduction {reduction}, {value} -> lambda "
+              + ", ".join(f"{d} {lam:.4g}" for d, lam in lambdas_of.items()) + f" ({why})", flush=True)
         ablation: dict[str, Any] = {}
         for data in a.data:
-            full = next((r for r in rows if r["data"] == data and r["distill_reduction"] == chosen[0]
-                         and r["distill_weight"] is not None and math.isclose(r["distill_weight"], chosen[1],
+            lam = lambdas_of[data]
+            full = next((r for r in rows if r["data"] == data and r["distill_reduction"] == reduction
+                         and r["distill_weight"] is not None and math.isclose(r["distill_weight"], lam,
                                                                                rel_tol=1e-4)), None)
             if full is None:
-                full = measure(data, f"{chosen[0]}-lambda{chosen[1]:.4g}", distill_reduction=chosen[0],
-                               distill_weight=chosen[1])
-            adv = measure(data, "adv_only", distill_reduction=chosen[0], distill_weight=0.0)
-            dist = measure(data, "distill_only", distill_reduction=chosen[0], distill_weight=chosen[1],
+                full = measure(data, f"{reduction}-lambda{lam:.4g}", distill_reduction=reduction, distill_weight=lam)
+            adv = measure(data, "adv_only", distill_reduction=reduction, distill_weight=0.0)
+            dist = measure(data, "distill_only", distill_reduction=reduction, distill_weight=lam,
                            adversarial=False)
             key = METRIC[data]
             ablation[data] = {"metric": key, "full": full["variant"], "full_grad_ratio": full.get("grad_ratio"),
@@ -191,10 +227,11 @@ def sweep(argv: list[str]) -> None:
                               "vs_distill_only": significance(full, dist, key)}
             print(f"{data}: {ablation[data]}", flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if a.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
     path = write_results(a.name, meta(a.seeds, n=a.n, iterations=a.iterations, calibration=calibration,
-                                      default={"distill_reduction": chosen[0], "distill_weight": chosen[1],
-                                               "why": why}, ablation=ablation), rows)
+                                      default={"distill_reduction": reduction, "setting": chosen[1],
+                                               "distill_weight": lambdas_of, "why": why}, ablation=ablation), rows)
     for data in a.data:
         sub = [r for r in rows if r["data"] == data]
         print(f"\n### {data}\n" + markdown_table(sub, ["variant", "distill_weight", "target_ratio", "grad_ratio",
