@@ -212,8 +212,15 @@ def attribute(events: list[Any], warmup: int) -> dict[str, float]:
     return totals
 
 
-def run_method(method_name: str, work: Path, warmup: int, steps: int, profile: bool, seed: int = 0) -> dict[str, Any]:
-    """One run of ``warmup + steps + 1`` iterations; plain: the median step milliseconds; profiled: the split."""
+def run_method(method_name: str, work: Path, warmup: int, steps: int, profile: bool, seed: int = 0,
+               phase: str | None = None) -> dict[str, Any]:
+    """One run of ``warmup + steps + 1`` iterations; plain: the median step milliseconds; profiled: the split.
+
+    The method is built for the config's whole budget (its LR schedules, and SDXL-Lightning's plan of phases, are a
+    real run's); only the loop stops after the measured iterations. Built for those few iterations instead,
+    Lightning would squeeze its whole ladder into them and switch phase every third step. ``phase`` (Lightning): a
+    phase kind (``mse``, ``lora_cond``, ``lora_uncond``, ``full_uncond``, ...) of the last stage to measure in (the
+    method walks its plan's switches up to that phase first); default: the plan's first phase."""
     import fewstep.train.loop as loop
     from fewstep.api import load_teacher
     from fewstep.distillation import make_config, prepare_data
@@ -221,13 +228,25 @@ def run_method(method_name: str, work: Path, warmup: int, steps: int, profile: b
 
     config = ROOT / "configs" / f"{method_name}_digits.yaml"
     iterations = warmup + steps + 1
-    cfg = make_config(method_name, config, iterations=iterations, seed=seed, progress=False,
-                      checkpoint_every=10 * iterations, checkpoint_minutes=None)
+    cfg = make_config(method_name, config, seed=seed, progress=False, checkpoint_minutes=None)
+    run_loop = cfg.loop.model_copy(update={"iterations": iterations, "checkpoint_every": 10 * iterations})
     teacher = load_teacher(cfg.teacher)
     data = prepare_data(teacher, cfg.data or "digits")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         method = registry()[method_name][1](teacher, cfg)
+        if phase is not None:
+            if not hasattr(method, "phases"):
+                raise SystemExit(f"--phase: {method_name} has no phases (SDXL-Lightning has)")
+            last = method.phases[-1][0]
+            target = next((j for j, (st, kind, _, _) in enumerate(method.phases) if st == last and kind == phase), None)
+            if target is None:
+                raise SystemExit(f"--phase {phase}: the last stage's phases are "
+                                 + ", ".join(k for st, k, _, _ in method.phases if st == last))
+            for j in range(method.phase + 1, target + 1):
+                method._switch(j)
+            # the loop's iterations are the plan's first few: keep the method in the chosen phase
+            method.phase_at = lambda it: target  # type: ignore[method-assign]
     out = work / f"{method_name}-{'profiled' if profile else 'plain'}"
     if not profile:
         starts: list[float] = []
@@ -238,7 +257,7 @@ def run_method(method_name: str, work: Path, warmup: int, steps: int, profile: b
             step_fn(run, it)
 
         with mock.patch.object(loop, "_train_step", timed):
-            loop.train(method, data, cfg.loop, out, config=cfg)
+            loop.train(method, data, run_loop, out, config=cfg)
         gaps = [b - a for a, b in zip(starts[warmup:], starts[warmup + 1:])]
         return {"steps": cfg.steps, "step_ms": 1e3 * statistics.median(gaps),
                 "step_ms_mean": 1e3 * statistics.fmean(gaps)}
@@ -255,7 +274,7 @@ def run_method(method_name: str, work: Path, warmup: int, steps: int, profile: b
             step_fn(run, it)
 
         with mock.patch.object(loop, "_train_step", stepped), network_scopes():
-            loop.train(method, data, cfg.loop, out, config=cfg)
+            loop.train(method, data, run_loop, out, config=cfg)
     totals = attribute(list(prof.events()), 0)
     n = totals.pop("step")
     total = totals.pop("total")
@@ -272,6 +291,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="measured iterations per method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", default="default", help="the rows' variant (e.g. 'before' for an older tree)")
+    p.add_argument("--phase", default=None,
+                   help="SDXL-Lightning: measure in this phase kind of its last stage (e.g. full_uncond) instead of "
+                        "the plan's first (the 8-step MSE stage); the row's variant gets '@<phase>'")
     p.add_argument("--no-write", action="store_true", help="print only (do not update the results file)")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -280,12 +302,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fewstep-steps-"))
     try:
         for name in a.methods:
-            plain = run_method(name, work, a.warmup, a.steps, profile=False, seed=a.seed)
-            prof = run_method(name, work, a.warmup, a.steps, profile=True, seed=a.seed)
+            phase = a.phase if name == "lightning" else None
+            plain = run_method(name, work, a.warmup, a.steps, profile=False, seed=a.seed, phase=phase)
+            prof = run_method(name, work, a.warmup, a.steps, profile=True, seed=a.seed, phase=phase)
             split = prof.pop("ms_per_step")
             non_net = {k: v for k, v in split.items() if k not in ("network forward", NET_BACKWARD)}
             top = sorted(non_net.items(), key=lambda kv: -kv[1])[:5]
-            rows.append({"data": "digits", "method": name, "variant": a.variant, "steps": plain["steps"],
+            variant = f"{a.variant}@{phase}" if phase else a.variant
+            rows.append({"data": "digits", "method": name, "variant": variant, "steps": plain["steps"],
                          "network_share": prof["network_share"], "step_ms": plain["step_ms"],
                          "step_ms_profiled": prof["step_ms_profiled"],
                          "network_forward_ms": split.get("network forward", 0.0),

@@ -606,7 +606,8 @@ def record_degradation_path(
     if gan is not None:
         _save_head(gan, folder / "head_000.safetensors")
     trained = [*deg.parameters(), *(gan.parameters() if gan is not None else [])]  # DMD2: one guidance optimizer
-    opt = torch.optim.AdamW(trained, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    opt = torch.optim.AdamW(trained, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
+                            fused=True)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / settings.warmup)) \
         if settings.warmup > 0 else None
     autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731

@@ -505,7 +505,8 @@ class LightningMethod(Method):
         g_mod = Generator(student)  # the student denoiser; its network carries the LoRA adapters
 
         def player(module: nn.Module, groups: list[dict[str, Any]]) -> Player:
-            opt = torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+            # fused: one kernel for all parameters (per tensor, the adversarial phases' largest non-network cost)
+            opt = torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay, fused=True)
             return Player(module, opt, None, cfg.grad_clip, None)
 
         heads = list(disc.cond_head.parameters()) + list(disc.uncond_head.parameters())
