@@ -19,7 +19,7 @@ issue-17 regime: default budget 10,000 iterations): the recording takes ``--reco
 ``--record-checkpoints`` checkpoints, and the path (all targets but the teacher) ``--path-share`` of the
 distillation's generator updates (30%), so each node gets a real share of generator updates (``switch_unit:
 generator_updates``). ``--head-along-path`` runs DisBack with ``head_along_path`` (DMD2's GAN head recorded with the
-path and restored at each switch).
+path and restored at each switch); ``--disback-option KEY=VALUE`` sets any other DisBack option (e.g. ``record_lr``).
 
 Starts (``--start``): ``teacher`` (the paper's: both generators start from the teacher) and ``student`` (the reference
 code's SDXL setting: DisBack as a stage on top of a trained DMD2 generator). For ``student`` the DMD2 run lasts
@@ -296,6 +296,8 @@ def main() -> None:
                    help="student start: DMD2 iterations of the student (default: the budget; a multiple of --every)")
     p.add_argument("--head-along-path", action="store_true",
                    help="DisBack records DMD2's GAN head with the path and restores head^(k) at each switch")
+    p.add_argument("--disback-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a DisBack option over the regime's (repeatable; VALUE read as YAML), e.g. record_lr=1e-5")
     p.add_argument("--levels", nargs="+", type=float, default=[1.0, 1.25, 1.5, 2.0, 4.0],
                    help="quality levels as multiples of Q (1 = Q itself, always included)")
     p.add_argument("--name", default="convergence", help="results files benchmarks/results/<name>.json/.png")
@@ -327,6 +329,11 @@ def main() -> None:
                           if a.regime == "long" else {})
             if a.head_along_path:
                 db_options = {**db_options, "head_along_path": True}
+            for item in a.disback_option:
+                key, sep, value = item.partition("=")
+                if not sep or key not in DisBackConfig.model_fields:
+                    raise SystemExit(f"--disback-option {item!r}: give KEY=VALUE with KEY a DisBack option")
+                db_options = {**db_options, key: yaml.safe_load(value)}
             options[data] = db_options
             curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {
                 s: {"dmd2": [], "disback": []} for s in a.start}
