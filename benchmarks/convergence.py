@@ -222,6 +222,38 @@ def target_summary(curves: dict[str, list[list[tuple[int, float]]]], key: str, b
     return out
 
 
+def diagnose(work: Path) -> list[dict[str, Any]]:
+    """What the generator is pulled by, per DisBack stage, from the kept runs' ``metrics.jsonl`` (``--diagnose DIR``):
+    the mean ``generator/score_mismatch`` ``E ||D_target - D_fake||^2`` (DisBack: against the stage's target; DMD2:
+    against the teacher, over the same iterations of its own distillation, i.e. DMD2's first ones for DisBack's
+    first stage) and the mean DM loss (DMD2's normalised loss, not a gradient size). A target fitted to the
+    generator leaves it a small mismatch, so a small distribution-matching gradient."""
+    from fewstep.train import read_metrics
+
+    out = []
+    for db in sorted(work.glob("*-disback-*-*")):
+        data, _, start, seed = db.name.split("-")
+        dmd2 = work / f"{data}-dmd2-{seed}" / "metrics.jsonl"
+        cached = db / "curve.json"
+        if not (db / "metrics.jsonl").is_file() or not dmd2.is_file() or not cached.is_file():
+            continue
+        import json
+
+        cfg = json.loads(cached.read_text())["config"]
+        origin = json.loads(cached.read_text())["rows"][0]["iterations"] if start == "student" else 0
+        rows, base = read_metrics(db / "metrics.jsonl"), read_metrics(dmd2)
+        for stage in sorted({r["generator/stage"] for r in rows if "generator/stage" in r}):
+            rs = [r for r in rows if r.get("generator/stage") == stage and "generator/score_mismatch" in r]
+            lo, hi = origin + rs[0]["it"], origin + rs[-1]["it"]
+            bs = [r for r in base if lo <= r["it"] <= hi and "generator/score_mismatch" in r]
+            mean = lambda xs, k: statistics.fmean(x[k] for x in xs) if xs else None  # noqa: E731
+            out.append({"data": data, "start": start, "seed": int(seed), "stage": int(stage),
+                        "iterations": f"{lo}-{hi}", "disback_mismatch": mean(rs, "generator/score_mismatch"),
+                        "dmd2_mismatch": mean(bs, "generator/score_mismatch"), "disback_dm": mean(rs, "generator/dm"),
+                        "dmd2_dm": mean(bs, "generator/dm")})
+    return out
+
+
 def _start_of(row: dict[str, Any]) -> str:
     return "teacher" if row.get("variant") in (None, "full") else row["variant"]  # older files: "full"
 
@@ -302,7 +334,14 @@ def main() -> None:
                    help="quality levels as multiples of Q (1 = Q itself, always included)")
     p.add_argument("--name", default="convergence", help="results files benchmarks/results/<name>.json/.png")
     p.add_argument("--keep", type=Path, default=None, help="keep the run directories here (default: a temp folder)")
+    p.add_argument("--diagnose", type=Path, default=None, metavar="DIR",
+                   help="print, from a --keep folder's runs, each DisBack stage's score mismatch and DM loss beside "
+                        "DMD2's over the same iterations, and exit")
     a = p.parse_args()
+    if a.diagnose is not None:
+        print(markdown_table(diagnose(a.diagnose), ["data", "start", "seed", "stage", "iterations",
+                                                    "disback_mismatch", "dmd2_mismatch", "disback_dm", "dmd2_dm"]))
+        return
     levels = sorted({1.0, *a.levels})
 
     work = a.keep or Path(tempfile.mkdtemp(prefix="fewstep-convergence-"))
