@@ -369,10 +369,10 @@ def main() -> None:
             if a.head_along_path:
                 db_options = {**db_options, "head_along_path": True}
             for item in a.disback_option:
-                key, sep, value = item.partition("=")
-                if not sep or key not in DisBackConfig.model_fields:
+                name, sep, value = item.partition("=")
+                if not sep or name not in DisBackConfig.model_fields:
                     raise SystemExit(f"--disback-option {item!r}: give KEY=VALUE with KEY a DisBack option")
-                db_options = {**db_options, key: yaml.safe_load(value)}
+                db_options = {**db_options, name: yaml.safe_load(value)}
             options[data] = db_options
             curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {
                 s: {"dmd2": [], "disback": []} for s in a.start}
