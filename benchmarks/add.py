@@ -42,7 +42,8 @@ from typing import Any, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, average, fmt, markdown_table, meta, method_benchmark, write_results  # noqa: E402
+from common import (ROOT, average, finished_run, fmt, keep_run, markdown_table, meta, method_benchmark,  # noqa: E402
+                    write_results)
 
 VARIANTS = {  # name: (steps, config overrides)
     "full": (1, {}),
@@ -73,29 +74,22 @@ def run(data: str, work: Path, name: str, seed: int, iterations: int | None, n: 
 
     The row is kept beside the run (``bench_row.json``); a run whose row is there, for the same config file, overrides,
     iterations and ``n``, is not trained again (``sweep --keep``: an interrupted sweep goes on where it stopped)."""
-    import json
-
     from fewstep.api import evaluate
     from fewstep.distillation import distill
-    from fewstep.io import atomic_write_json
 
     config = ROOT / "configs" / f"add_{data}.yaml"
     out = work / f"{data}-{name}-{seed}"
     key = {"config": config.read_text(), "overrides": overrides, "iterations": iterations, "n": n, "seed": seed}
-    cached = out / "bench_row.json"
-    if cached.is_file():
-        saved = json.loads(cached.read_text())
-        if saved.get("key") == key:
-            return saved["row"], out
-    if out.exists():  # unfinished or made otherwise: train afresh
-        shutil.rmtree(out)
+    row = finished_run(out, "bench_row.json", key)
+    if row is not None:
+        return row, out
     start = time.perf_counter()
     student = distill(data, "add", steps=1, out=out, config=config, seed=seed, iterations=iterations,
                       progress=False, evaluate_n=0, **overrides)
     row = {"iterations": student.info["meta"]["iterations"], "wall_seconds": round(time.perf_counter() - start, 2)}
     if n:
         row.update(evaluate(student, n=n, seed=seed))
-    atomic_write_json(cached, {"key": key, "row": row})
+    keep_run(out, "bench_row.json", key, row)
     return row, out
 
 

@@ -12,6 +12,27 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def finished_run(out: Path, name: str, key: Any) -> Any | None:
+    """What a finished run left in ``out/<name>`` (:func:`keep_run`) when it was made for ``key``; otherwise None, and
+    ``out`` is removed, so that an unfinished run (or one made for another key) is trained afresh."""
+    import json
+    import shutil
+
+    path = out / name
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["value"]
+    if out.exists():
+        shutil.rmtree(out)
+    return None
+
+
+def keep_run(out: Path, name: str, key: Any, value: Any) -> None:
+    """Record a finished run's ``value`` in ``out/<name>`` for ``key`` (atomically: a killed run leaves none)."""
+    atomic_write_json(out / name, {"key": key, "value": value})
+
+
 def write_results(name: str, meta_: dict[str, Any], rows: list[dict[str, Any]], by_data: bool = False) -> Path:
     """Write ``results/<name>.json``, keeping what this run did not measure from the earlier file (its command is
     recorded under ``meta.earlier``), so runs per data set or per variant add up to one result.

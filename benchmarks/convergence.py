@@ -39,6 +39,7 @@ Writes benchmarks/results/convergence.json and benchmarks/results/convergence.pn
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from common import RESULTS, average, markdown_table, meta, write_results  # noqa: E402
+from common import RESULTS, average, finished_run, keep_run, markdown_table, meta, write_results  # noqa: E402
 
 from fewstep.api import evaluate, load_teacher  # noqa: E402
 from fewstep.config import DMD2Config, validate_config  # noqa: E402
@@ -127,18 +128,13 @@ def run_curve(method_name: str, teacher: Any, cfg: Any, dataset: Any, data: str,
     A finished curve is kept as ``out/curve.json`` (with ``--keep``, the folder survives), and a run whose curve (and
     student, with ``save_at``) is there is not trained again: an interrupted benchmark goes on from its last finished
     run."""
-    import json
-
-    from fewstep.io import atomic_write_bytes
-
-    cached = out / "curve.json"
-    if cached.is_file() and (save_to is None or save_to.is_file()):
-        saved = json.loads(cached.read_text())
-        if saved.get("config") == cfg.model_dump(mode="json"):
-            print(f"  {data:>7} {method_name:>8} reusing the finished curve in {cached}", flush=True)
-            return saved["rows"]
-    if out.exists():  # an unfinished (or other) run: start it afresh
-        shutil.rmtree(out)
+    key = cfg.model_dump(mode="json")
+    if save_to is not None and not save_to.is_file():  # its student is missing: the run is trained again
+        shutil.rmtree(out, ignore_errors=True)
+    cached = finished_run(out, "curve.json", key)
+    if cached is not None:
+        print(f"  {data:>7} {method_name:>8} reusing the finished curve in {out / 'curve.json'}", flush=True)
+        return cached
     torch.manual_seed(cfg.loop.seed)
     method = (DMD2Method if method_name == "dmd2" else DisBackMethod)(teacher, cfg)
     rows: list[dict[str, Any]] = []
@@ -173,7 +169,7 @@ def run_curve(method_name: str, teacher: Any, cfg: Any, dataset: Any, data: str,
                      "wall_seconds": round(time.perf_counter() - start - timing["eval"], 2)})
         offset += rec
     train(method, dataset, cfg.loop, out, sample_fn=lambda step, _path: measure(offset + step), config=cfg)
-    atomic_write_bytes(cached, json.dumps({"config": cfg.model_dump(mode="json"), "rows": rows}).encode())
+    keep_run(out, "curve.json", key, rows)
     return rows
 
 
@@ -237,10 +233,8 @@ def diagnose(work: Path) -> list[dict[str, Any]]:
         cached = db / "curve.json"
         if not (db / "metrics.jsonl").is_file() or not dmd2.is_file() or not cached.is_file():
             continue
-        import json
-
-        cfg = json.loads(cached.read_text())["config"]
-        origin = json.loads(cached.read_text())["rows"][0]["iterations"] if start == "student" else 0
+        # the student start's curve begins at the student's DMD2 iteration
+        origin = json.loads(cached.read_text())["value"][0]["iterations"] if start == "student" else 0
         rows, base = read_metrics(db / "metrics.jsonl"), read_metrics(dmd2)
         for stage in sorted({r["generator/stage"] for r in rows if "generator/stage" in r}):
             rs = [r for r in rows if r.get("generator/stage") == stage and "generator/score_mismatch" in r]
@@ -421,8 +415,6 @@ def main() -> None:
     path = write_results(a.name, meta(a.seeds, n=a.n, every=a.every, regime=a.regime, disback_options=options,
                                       target=summary, recording_iterations=recording), all_rows, by_data=True)
     # the plot shows every data set in the results file (earlier runs' too)
-    import json
-
     saved = json.loads(path.read_text())
     earlier = saved["meta"].get("earlier", [])
     targets = {**{d: t for e in earlier for d, t in e.get("target", {}).items()}, **saved["meta"].get("target", {})}
