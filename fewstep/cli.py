@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--n", default="2000", help="evaluation samples per model and seed")
     be.add_argument("--teacher-steps", default="1,2,4,8,16,32",
                     help="the teacher's frontier: every sampler at these steps")
+    be.add_argument("--profile-steps", default="20", help="iterations profiled per method and steps for the step "
+                    "efficiency column (after 5 unprofiled ones; 0: do not profile)")
     be.add_argument("--remeasure", action="store_true", help="measure again instead of reusing cached evaluations")
     be.add_argument("--tables", default=None, metavar="BENCH_JSON",
                     help="print the README's markdown tables of a bench.json (or a bench folder) and exit "
@@ -495,7 +497,7 @@ def _cmd_bench(a: argparse.Namespace) -> None:
     if a.out is None:
         raise UserError("fewstep bench needs --out DIR (the folder of results and cached runs), or --tables FILE")
     plan = make_plan(a.out, a.data, a.methods, a.steps, a.seeds, n=a.n, iterations=a.iterations,
-                     teacher_steps=a.teacher_steps)
+                     teacher_steps=a.teacher_steps, profile_steps=a.profile_steps)
     try:
         run_bench(plan, progress=_is_main_process(), command="fewstep " + " ".join(sys.argv[1:]),
                   remeasure=a.remeasure)

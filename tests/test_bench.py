@@ -12,13 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 import fewstep.api
+import fewstep.bench.profile
 import fewstep.distillation
 from fewstep import cli
 from fewstep.bench import make_plan, run_bench
 from fewstep.bench.runs import CONFIGS, train_run
 from fewstep.train import loop
 
-TINY = dict(data="grid25", methods="dmd2,add", steps="1", seeds=1, n=40, iterations=3, teacher_steps="1,2")
+TINY = dict(data="grid25", methods="dmd2,add", steps="1", seeds=1, n=40, iterations=3, teacher_steps="1,2",
+            profile_steps=2, profile_warmup=1)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,11 @@ def test_tiny_plan_writes_the_result_shape_and_a_self_contained_report(bench):
     for r in result["rows"]:
         assert r["data"] == "grid25" and r["sliced_w"] > 0 and "fid" not in r and r["seconds_per_1000"] > 0
     for r in students:
-        assert r["wall_seconds"] > 0 and r["peak_memory_gb"] > 0 and r["step_efficiency"] is None
+        assert r["wall_seconds"] > 0 and r["peak_memory_gb"] > 0
+        # profiled: a share of the step, and the largest other costs named with their milliseconds
+        assert 0 < r["step_efficiency"] < 1 and r["top_non_network"].count(" ms") >= 3
+    assert all(r.get("step_efficiency") is None for r in teacher)
+    assert m["profile"] == {"warmup": 1, "steps": 2}
 
     page = _Page()
     page.feed((out / "report.html").read_text())
@@ -71,7 +77,8 @@ def test_tiny_plan_writes_the_result_shape_and_a_self_contained_report(bench):
 def test_a_second_invocation_trains_and_measures_nothing(bench, monkeypatch):
     out, result = bench
     calls = []
-    for module, name in ((fewstep.distillation, "distill"), (fewstep.api, "evaluate")):
+    for module, name in ((fewstep.distillation, "distill"), (fewstep.api, "evaluate"),
+                         (fewstep.bench.profile, "measure_steps")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     students = sorted(out.glob("runs/*/run/student.safetensors"))
@@ -97,7 +104,7 @@ def test_an_interrupted_plan_resumes_its_run_from_the_checkpoint(tmp_path, monke
     assert "checkpoint_every: 500" in text
     (configs / "add_grid25.yaml").write_text(text.replace("checkpoint_every: 500", "checkpoint_every: 2"))
     options = dict(data="grid25", methods="add", steps="1", seeds=1, n=20, iterations=4, teacher_steps="1",
-                   config_dir=configs)
+                   config_dir=configs, profile_steps=0)
     plan = make_plan(tmp_path / "b", **options)
     real = loop._save_checkpoint
 
@@ -121,11 +128,26 @@ def test_an_interrupted_plan_resumes_its_run_from_the_checkpoint(tmp_path, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lightning_rungs_are_profiled_in_the_phase_that_trains_them(tmp_path):
+    from fewstep.bench.runs import _lightning_phase
+
+    (run,) = make_plan(tmp_path / "b", data="grid25", methods="lightning", steps="1,2,4", seeds=1).runs
+    cfg = run.config
+    kinds = [(s, k) for s in range(len(cfg.stages())) for k in cfg.phase_kinds(s)]
+    for steps in (1, 2, 4):
+        j = _lightning_phase(cfg, steps)
+        stage = kinds[j][0]
+        assert cfg.stages()[stage] == steps  # the rung's own stage ...
+        assert j + 1 == len(kinds) or kinds[j + 1][0] != stage  # ... in its last phase
+    assert _lightning_phase(cfg, 1) == len(kinds) - 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "dmd2,foo"], "unknown method 'foo'"),
     (["--steps", "1,0"], "--steps must be from 1 to 8, got 0"),
     (["--seeds", "0"], "--seeds must be from 1 to 1000, got 0"),
     (["--data", "mnist"], "--data 'mnist'"),
+    (["--profile-steps", "-1"], "--profile-steps must be from 0 to 10000, got -1"),
     ([], None),  # no --out
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, args, message):

@@ -1,12 +1,11 @@
 """No waste in a training step (issue 13 item 5): the loop's cheaper reseeding draws what ``torch.manual_seed`` drew,
 its multi-tensor gradient clipping equals PyTorch's per-tensor one, its log window sums without a host sync per stat
-as the floats did, and benchmarks/step_efficiency.py's split of a step puts each op where its definition says."""
+as the floats did, and fewstep.bench.profile's split of a step (benchmarks/step_efficiency.py's and fewstep bench's)
+puts each op where its definition says."""
 from __future__ import annotations
 
 import random
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,8 +13,6 @@ from torch.testing import assert_close
 
 from fewstep.train import loop
 from fewstep.train.loop import set_random_seed, step_seed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_reseeding_draws_what_torch_manual_seed_drew():
@@ -71,7 +68,7 @@ def test_step_efficiency_puts_network_and_loss_code_where_they_belong():
     nodes and the optimizer are not; the categories add up to the step."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    import step_efficiency as se
+    import fewstep.bench.profile as se
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.SiLU(), torch.nn.Linear(256, 64))

@@ -137,6 +137,9 @@ def write_bench_report(plan: Any, result: dict[str, Any]) -> Path:
             f"{m['n']} evaluation samples per model and seed (evaluation seed = training seed), each method's shipped "
             f"config{budget}. Cells are mean ± std over the seeds.\n\n" + "\n\n".join(m.get("notes", [])))
     runs = [{"run": label, "folder": f"runs/{key}"} for label, key in m.get("runs", {}).items()]
+    costs = [{"data": r["data"], "method": r["method"], "steps": str(r["steps"]),
+              "step efficiency": fmt(r["step_efficiency"]), "top non-network costs (ms per step)": r["top_non_network"]}
+             for r in rows if r.get("top_non_network")]
     sections = [
         {"heading": "Results", "text": text, "table": table_rows(rows)},
         {"heading": "Quality against NFE", "images": fronts,
@@ -144,6 +147,9 @@ def write_bench_report(plan: Any, result: dict[str, Any]) -> Path:
         *grids,
         {"heading": "Convergence", "images": conv,
          "text": f"{CONVERGENCE_KEY} from each run's metrics.jsonl: the mean over seeds, a band of ± std."},
+        *([{"heading": "Step efficiency", "table": costs,
+            "text": "The share of a training step in the networks' forward and backward passes (PyTorch profiler, "
+                    "fewstep.bench.profile) and the largest other costs."}] if costs else []),
         {"heading": "Runs", "table": runs},
     ]
     return write_report(out / "report.html", "fewstep bench", sections)

@@ -29,6 +29,8 @@ TRAINING_CODE = ("config.py", "distillation.py", "student.py", "options.py", "di
                  "data")
 EVALUATION_CODE = ("api.py", "student.py", "diffusion", "models", "data", "eval/evaluate.py", "eval/metrics.py",
                    "eval/classifier.py")
+#: the code the step efficiency's measurement runs (its cache entries keep this hash)
+PROFILE_CODE = ("bench/profile.py", "train", "methods", "models")
 #: an evaluation's result keys a row keeps
 METRICS = ("nfe", "fid", "fid_heldout", "precision", "recall", "class_accuracy", "sliced_w", "modes_covered",
            "high_quality", "seconds_per_1000")
@@ -77,6 +79,8 @@ class Plan:
     iterations: int | None
     teacher_settings: list[tuple[str, int]]
     runs: list[Run] = field(default_factory=list)
+    profile_steps: int = 20  # profiled iterations per (method, steps) for the step efficiency; 0: none
+    profile_warmup: int = 5
 
 
 def _names(value: str | list[str] | tuple[str, ...], flag: str) -> list[str]:
@@ -164,7 +168,8 @@ def _lightning_phases(cfg: Any) -> int:
 
 def make_plan(out: str | Path, data: Any = "digits,grid25", methods: Any = "dmd2,add,lightning,disback",
               steps: Any = "1,2,4", seeds: Any = 3, n: Any = 2000, iterations: Any = None,
-              config_dir: str | Path | None = None, teacher_steps: Any = TEACHER_STEPS) -> Plan:
+              config_dir: str | Path | None = None, teacher_steps: Any = TEACHER_STEPS, profile_steps: Any = 20,
+              profile_warmup: Any = 5) -> Plan:
     """Check every option and resolve every run's config (one-line :class:`UserError` before anything trains).
 
     Args:
@@ -177,6 +182,8 @@ def make_plan(out: str | Path, data: Any = "digits,grid25", methods: Any = "dmd2
         iterations: override the configs' ``loop.iterations`` (quick runs).
         config_dir: where ``<method>_<data>.yaml`` are (default: the repository's ``configs/``).
         teacher_steps: the teacher's frontier: every sampler of :data:`TEACHER_SAMPLERS` at these steps.
+        profile_steps: iterations profiled per (method, steps) for the step efficiency column, after
+            ``profile_warmup`` unprofiled ones (0: no profiling, the column stays empty).
     """
     from ..methods import METHOD_NAMES
 
@@ -195,6 +202,8 @@ def make_plan(out: str | Path, data: Any = "digits,grid25", methods: Any = "dmd2
     if iterations is not None:
         iterations = _whole(iterations, "--iterations")
     teacher_steps = _whole_list(teacher_steps, "--teacher-steps")
+    profile_steps = _whole(profile_steps, "--profile-steps", 0, 10_000)
+    profile_warmup = _whole(profile_warmup, "--profile-warmup", 1, 10_000)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "plan.json").is_file():
@@ -205,7 +214,8 @@ def make_plan(out: str | Path, data: Any = "digits,grid25", methods: Any = "dmd2
 
     config_dir = Path(config_dir) if config_dir is not None else CONFIGS
     settings = [(s, k) for s in TEACHER_SAMPLERS for k in teacher_steps]
-    plan = Plan(out, datas, names, step_list, list(range(n_seeds)), n, iterations, settings)
+    plan = Plan(out, datas, names, step_list, list(range(n_seeds)), n, iterations, settings,
+                profile_steps=profile_steps, profile_warmup=profile_warmup)
     for d in datas:
         weights = _weights_hash(d)
         for m in names:
@@ -297,14 +307,43 @@ def load_run_student(run: Run, steps: int) -> Any:
     return load_student(run.run_dir / "students" / f"steps_{steps}")
 
 
-def step_efficiency(run_dir: Path) -> float | None:
-    """The share of a training step spent in the networks, when the run logged one (``step_efficiency`` in
-    ``metrics.jsonl``), else None."""
-    from ..train.loop import read_metrics
+def _lightning_phase(cfg: Any, steps: int) -> int:
+    """The plan index of the last phase of the Lightning stage that trains the ``steps``-step rung."""
+    stages = cfg.stages()
+    if steps not in stages:
+        raise UserError(f"lightning's ladder {stages} has no {steps}-step rung")
+    s = stages.index(steps)
+    return sum(len(cfg.phase_kinds(i)) for i in range(s + 1)) - 1
 
-    values = [r["step_efficiency"] for r in read_metrics(run_dir / "metrics.jsonl")
-              if isinstance(r.get("step_efficiency"), (int, float))]
-    return float(values[-1]) if values else None
+
+def profile_rows(plan: Plan, data: str, measures: "_Measures") -> dict[tuple[str, int], dict[str, Any]]:
+    """The step efficiency of every (method, student steps) of ``data``: a short profiled window
+    (:func:`fewstep.bench.profile.measure_steps`, ``plan.profile_warmup`` then ``plan.profile_steps`` iterations)
+    of the first seed's config (Lightning: its ladder's run in the last phase of each rung's stage), cached in
+    ``DIR/profile/<data>.json`` by the run's key. Empty when ``plan.profile_steps`` is 0."""
+    import tempfile
+
+    if not plan.profile_steps:
+        return {}
+    path = plan.out / "profile" / f"{data}.json"
+    cache = _read_json(path, {})
+    out = {}
+    for run in (r for r in plan.runs if r.data == data and r.seed == plan.seeds[0]):
+        for k in run.students:
+            phase = _lightning_phase(run.config, k) if run.method == "lightning" else None
+            key = f"{run.key} phase={phase} warmup={plan.profile_warmup} steps={plan.profile_steps}"
+
+            def measure(run: Run = run, phase: int | None = phase) -> dict[str, Any]:
+                from .profile import measure_steps
+
+                with tempfile.TemporaryDirectory(prefix="fewstep-profile-") as work:
+                    result = measure_steps(run.method, run.config, work, plan.profile_warmup, plan.profile_steps,
+                                           phase=phase)
+                return {"network_share": result["network_share"], "step_ms_profiled": result["step_ms_profiled"],
+                        "top_non_network": result["top_non_network"], "ms_per_step": result["ms_per_step"]}
+
+            out[(run.method, k)] = measures.get(cache, key, measure, lambda: atomic_write_json(path, cache))
+    return out
 
 
 @dataclass
@@ -346,7 +385,7 @@ def evaluate_run(run: Run, record: dict[str, Any], n: int, measures: _Measures) 
         rows.append({"data": run.data, "method": run.method, "variant": "full", "steps": k, **_metrics(result),
                      "iterations": record.get("iterations"), "wall_seconds": record.get("wall_seconds"),
                      "peak_memory_gb": record.get("peak_memory_gb"),
-                     "step_efficiency": step_efficiency(run.run_dir), "seed": run.seed})
+                     "seed": run.seed})
     return rows
 
 
