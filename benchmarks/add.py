@@ -43,7 +43,7 @@ from typing import Any, Iterable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (ROOT, average, finished_run, fmt, keep_run, markdown_table, meta, method_benchmark,  # noqa: E402
-                    write_results)
+                    run_main, write_results)
 
 VARIANTS = {  # name: (steps, config overrides)
     "full": (1, {}),
@@ -235,6 +235,6 @@ def sweep(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["sweep"]:
-        sweep(sys.argv[2:])
+        run_main(lambda: sweep(sys.argv[2:]))
     else:
-        method_benchmark("add", VARIANTS, __doc__)
+        run_main(lambda: method_benchmark("add", VARIANTS, __doc__))

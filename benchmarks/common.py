@@ -1,8 +1,9 @@
 """Shared pieces of the benchmark scripts: the one result format (DESIGN.md), seed averaging, tables."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 # the result format's pieces live in the package (fewstep bench writes the same shape); re-exported for the scripts
 from fewstep.bench.results import average, fmt, machine, markdown_table, meta, method_columns  # noqa: F401
@@ -10,6 +11,20 @@ from fewstep.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """A script's entry point: bad input (fewstep's ``UserError``, e.g. an unknown ``--phase`` or a run directory
+    that is not a student) is one line on stderr and exit status 2, as in ``fewstep``'s own CLI, not a traceback."""
+    from fewstep.errors import UserError
+
+    script = Path(sys.argv[0]).name
+    try:
+        status = main()
+    except UserError as e:
+        sys.stderr.write(f"{script}: error: {e}\n")
+        sys.exit(2)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 def finished_run(out: Path, name: str, key: Any) -> Any | None:

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from common import RESULTS, average, finished_run, keep_run, markdown_table, meta, write_results  # noqa: E402
+from common import RESULTS, average, finished_run, keep_run, markdown_table, meta, write_results, run_main  # noqa: E402
 
 from fewstep.api import evaluate, load_teacher  # noqa: E402
 from fewstep.config import DMD2Config, validate_config  # noqa: E402
@@ -440,4 +440,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

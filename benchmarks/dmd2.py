@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import method_benchmark  # noqa: E402
+from common import method_benchmark, run_main  # noqa: E402
 
 VARIANTS = {  # name: (steps, config overrides); "<variant>-<k>step" is reported as <variant> with steps k
     "full": (1, {}),
@@ -82,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

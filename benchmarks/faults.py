@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fault_cases  # noqa: E402
-from common import meta, write_results  # noqa: E402
+from common import meta, write_results, run_main  # noqa: E402
 from kill_resume import kill_resume  # noqa: E402
 
 
@@ -53,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

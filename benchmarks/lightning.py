@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import average, benchmark_parser, markdown_table, meta, teacher_rows, write_results  # noqa: E402
+from common import average, benchmark_parser, markdown_table, meta, teacher_rows, write_results, run_main  # noqa: E402
 
 from fewstep.api import evaluate, load_teacher  # noqa: E402
 from fewstep.distillation import distill  # noqa: E402
@@ -94,4 +94,4 @@ def _line(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

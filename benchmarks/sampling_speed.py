@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, markdown_table, meta, write_results  # noqa: E402
+from common import RESULTS, ROOT, markdown_table, meta, write_results, run_main  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -155,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

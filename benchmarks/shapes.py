@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, average, markdown_table, meta, method_columns, write_results  # noqa: E402
+from common import ROOT, average, markdown_table, meta, method_columns, write_results, run_main  # noqa: E402
 
 # name: (method, variant, steps, config overrides)
 VARIANTS = {
@@ -171,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import ROOT, markdown_table, meta, write_results  # noqa: E402
+from common import ROOT, markdown_table, meta, write_results, run_main  # noqa: E402
 from fewstep.bench.profile import NET_BACKWARD, measure_steps  # noqa: E402
 
 
@@ -92,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, markdown_table, method_columns  # noqa: E402
+from common import RESULTS, markdown_table, method_columns, run_main  # noqa: E402
 
 from fewstep.bench import print_tables  # noqa: E402
 from fewstep.bench.results import teacher_pivot as teacher_nfe  # noqa: E402  (one pivot per data set)
@@ -62,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

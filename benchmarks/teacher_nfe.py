@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, average, markdown_table, meta, write_results  # noqa: E402
+from common import RESULTS, average, markdown_table, meta, write_results, run_main  # noqa: E402
 
 from fewstep import generate, load_teacher  # noqa: E402
 from fewstep.data import load_data  # noqa: E402
@@ -77,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

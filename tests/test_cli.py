@@ -443,3 +443,20 @@ def test_text_demo_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         assert width > 3 * GRID_NOISE * 16 * 2 and height > 8 * 16 * 2
     assert assert_self_contained(demo / "dmd2" / "report.html")
     assert not (tmp_path / "runs" / "demo").exists()  # the digits demo's place is left alone
+
+
+@pytest.mark.parametrize("script, args, needle", [
+    ("sampling_speed.py", ["--runs", "{tmp}/no_run"], "no model at"),
+    ("step_efficiency.py", ["--methods", "lightning", "--phase", "nosuch", "--steps", "1", "--warmup", "1",
+                            "--no-write"], "phase 'nosuch'"),
+])
+def test_benchmark_script_bad_input_is_one_line(tmp_path: Path, script: str, args: list[str], needle: str) -> None:
+    """The benchmark scripts answer bad input as the CLI does (benchmarks/common.py's run_main)."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script),
+                           *[a.format(tmp=tmp_path) for a in args]],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"{script}: error:") and needle in lines[0], lines[0]
