@@ -156,3 +156,29 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fewstep: error: ") and (message or "--out") in err
     assert not Path(tmp_path / "b").exists()
+
+
+def test_frontier_colours_a_method_and_sets_methods_apart(tmp_path: Path, monkeypatch) -> None:
+    """The bench's frontier: one colour per method (its step counts by marker), and two methods at the same NFE drawn
+    a little apart along NFE, so that neither hides the other."""
+    from matplotlib.axes import Axes
+
+    from fewstep.eval.images import plot_nfe_frontier
+
+    drawn = []
+    real = Axes.errorbar
+
+    def spy(self, x, y, *args, **kw):
+        drawn.append((kw["label"], x[0], kw["color"], kw["fmt"]))
+        return real(self, x, y, *args, **kw)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+    points = [("dmd2 1-step", 1, 0.05, 0.01), ("dmd2 4-step", 4, 0.04, 0.01), ("add 1-step", 1, 0.03, None)]
+    path = plot_nfe_frontier({"ddim": [(1, 0.6), (4, 0.3)]}, points, tmp_path / "f.png", metric="sliced W",
+                             groups=["dmd2", "dmd2", "add"])
+    assert path.stat().st_size > 0
+    (_, x1, c1, m1), (_, x4, c4, m4), (_, xa, ca, _) = drawn
+    assert c1 == c4 != ca and m1 != m4
+    assert x1 < 1 < xa and x4 < 4 and abs(x1 - xa) / 1 < 0.1  # apart, yet both within a tenth of an octave of NFE 1
+    with pytest.raises(ValueError, match="groups"):
+        plot_nfe_frontier({}, points, tmp_path / "g.png", groups=["dmd2"])

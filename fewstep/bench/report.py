@@ -43,10 +43,11 @@ def frontier(rows: list[dict[str, Any]], path: Path, data: str) -> Path:
     for r in rows:
         if r["method"] == "teacher" and r.get(metric) is not None:
             curves.setdefault(r["variant"], []).append((r["nfe"], r[metric]))
-    points = [(f"{r['method']} {r['steps']}-step", r["nfe"], r[metric], r.get(f"{metric}_std"))
-              for r in rows if r["method"] != "teacher" and r.get(metric) is not None]
+    students = [r for r in rows if r["method"] != "teacher" and r.get(metric) is not None]
+    points = [(f"{r['method']} {r['steps']}-step", r["nfe"], r[metric], r.get(f"{metric}_std")) for r in students]
     name = "FID (train split)" if metric == "fid" else "sliced W"
-    return plot_nfe_frontier(curves, points, path, metric=name, title=f"{data}: quality against NFE")
+    return plot_nfe_frontier(curves, points, path, metric=name, title=f"{data}: quality against NFE",
+                             groups=[r["method"] for r in students])
 
 
 def sample_grids(plan: Any, data: str, folder: Path) -> list[tuple[str, str]]:
