@@ -288,20 +288,22 @@ def plot_nfe_frontier(
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", markersize=3, label=f"teacher ({sampler})")
             values.extend(ys)
-    if groups is not None and len(groups) != len(points):
+    grouped = groups is not None
+    if grouped and len(groups) != len(points):
         raise ValueError(f"groups has {len(groups)} names for {len(points)} points")
-    names = list(dict.fromkeys(groups)) if groups is not None else [str(i) for i in range(len(points))]
+    if not grouped:
+        groups = [str(i) for i in range(len(points))]
+    index = {name: g for g, name in enumerate(dict.fromkeys(groups))}  # group -> its colour's place
     markers = ["*", "o", "s", "D", "^", "v", "P", "X"]
-    seen: dict[str, int] = {}
-    for i, (label, n, v, std) in enumerate(points):
+    drawn: dict[str, int] = {}  # group -> its points drawn so far
+    for (label, n, v, std), group in zip(points, groups):
         if v is None or not math.isfinite(float(v)):
             continue
-        group = groups[i] if groups is not None else str(i)
-        g, k = names.index(group), seen.get(group, 0)
-        seen[group] = k + 1
+        g, k = index[group], drawn.get(group, 0)
+        drawn[group] = k + 1
         # on the log2 axis a factor 2^(0.05 d) moves a point 0.05 of an octave: apart, yet at its NFE
-        shift = 2 ** (0.05 * (g - (len(names) - 1) / 2)) if groups is not None else 1.0
-        marker = markers[k % len(markers)] if groups is not None else "*"
+        shift = 2 ** (0.05 * (g - (len(index) - 1) / 2)) if grouped else 1.0
+        marker = markers[k % len(markers)] if grouped else "*"
         ax.errorbar([float(n) * shift], [float(v)], yerr=None if std is None else [[float(std)], [float(std)]],
                     fmt=marker, markersize=11 if marker == "*" else 7, capsize=3, color=f"C{len(curves) + g}",
                     label=label, zorder=3)
