@@ -16,7 +16,7 @@ import fewstep.bench.profile
 import fewstep.distillation
 from fewstep import cli
 from fewstep.bench import make_plan, run_bench
-from fewstep.bench.runs import CONFIGS, train_run
+from fewstep.bench.runs import CONFIGS, load_run_student, train_run
 from fewstep.train import loop
 
 TINY = dict(data="grid25", methods="dmd2,add", steps="1", seeds=1, n=40, iterations=3, teacher_steps="1,2",
@@ -182,3 +182,21 @@ def test_frontier_colours_a_method_and_sets_methods_apart(tmp_path: Path, monkey
     assert x1 < 1 < xa and x4 < 4 and abs(x1 - xa) / 1 < 0.1  # apart, yet both within a tenth of an octave of NFE 1
     with pytest.raises(ValueError, match="groups"):
         plot_nfe_frontier({}, points, tmp_path / "g.png", groups=["dmd2"])
+
+
+def test_add_trains_one_run_per_seed_and_samples_it_at_every_step_count(tmp_path):
+    """ADD trains at its student_times whatever its steps (they only choose the sampler's times): its 1- and 4-step
+    configs train the same weights, so the bench trains one run, at the most steps, and samples it at each."""
+    options = dict(data="grid25", methods="add", seeds=1, n=20, iterations=3, teacher_steps="1", profile_steps=0)
+    (run,) = make_plan(tmp_path / "b", steps="1,2,4", **options).runs
+    (one,) = make_plan(tmp_path / "b1", steps="1", **options).runs
+    (four,) = make_plan(tmp_path / "b4", steps="4", **options).runs
+    assert (run.steps, run.students, run.key) == (4, (1, 2, 4), four.key)
+    for r in (run, one):
+        train_run(r, code="")
+    a, b = (load_file(r.run_dir / "student.safetensors") for r in (run, one))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    students = [load_run_student(run, k) for k in (1, 2, 4)]
+    assert [s.timesteps.tolist() for s in students] == [[999], [999, 499], [999, 749, 499, 249]]
+    # the shared run's 1-step student is the 1-step config's own
+    assert torch.equal(students[0].sample(8, seed=3), load_run_student(one, 1).sample(8, seed=3))

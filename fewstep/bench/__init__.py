@@ -20,7 +20,9 @@ one warning that counts them and says how to refresh them: ``--remeasure`` measu
 retrains.
 
 Lightning walks its ladder in one run (8 -> 4 -> 2 -> 1 steps): the bench trains it once per seed down to the fewest
-steps asked for, and its other rows are the ladder's rungs (their wall time is the whole ladder's).
+steps asked for, and its other rows are the ladder's rungs (their wall time is the whole ladder's). ADD's training
+does not depend on the steps (it trains at its ``student_times`` whatever they are): one run per seed at the most
+steps asked, sampled at each step count (:data:`fewstep.bench.runs.SAMPLER_ONLY_STEPS`).
 """
 
 from __future__ import annotations

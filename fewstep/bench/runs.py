@@ -22,6 +22,11 @@ TEACHER_SAMPLERS = ("ddim", "euler", "heun")
 TEACHER_STEPS = (1, 2, 4, 8, 16, 32)
 #: the teacher settings beside the students in the sample grids: 1, 4 and 63 NFE
 GRID_TEACHER = (("ddim", 1), ("ddim", 4), ("heun", 32))
+#: methods whose training does not depend on the student's steps, which only choose the times it samples at: ADD
+#: trains the student at its ``student_times`` (999, 749, 499, 249) whatever ``steps`` is. The bench trains one run
+#: per seed, at the most steps asked, and samples that network at every step count (tests/test_bench.py checks that
+#: ADD's weights are the same at 1 and 4 steps)
+SAMPLER_ONLY_STEPS = ("add",)
 #: bump when a change of the training code changes what the shipped configs train (it is part of the cache key)
 CACHE_VERSION = 1
 #: the training code (paths under fewstep/) and the evaluation code whose hashes each record keeps
@@ -39,7 +44,8 @@ METRICS = ("nfe", "fid", "fid_heldout", "precision", "recall", "class_accuracy",
 @dataclass
 class Run:
     """One training run of the plan: ``method`` on ``data``'s teacher at ``steps`` with training seed ``seed``;
-    ``students`` are the step counts measured from it (Lightning: the ladder's rungs, else ``(steps,)``)."""
+    ``students`` are the step counts measured from it (Lightning: the ladder's rungs; ADD: every step count asked,
+    :data:`SAMPLER_ONLY_STEPS`; else ``(steps,)``)."""
 
     data: str
     method: str
@@ -222,8 +228,10 @@ def make_plan(out: str | Path, data: Any = "digits,grid25", methods: Any = "dmd2
             path = config_dir / f"{m}_{d}.yaml"
             if not path.is_file():
                 raise UserError(f"no shipped config {path} for {m} on {d}; drop {m} or {d}, or write that config")
-            # Lightning: one run down to the fewest steps; every other step count must be one of its rungs
-            trained = [min(step_list)] if m == "lightning" else step_list
+            # Lightning: one run down to the fewest steps; every other step count must be one of its rungs. ADD:
+            # one run at the most steps, sampled at each (SAMPLER_ONLY_STEPS)
+            trained = ([min(step_list)] if m == "lightning" else [max(step_list)] if m in SAMPLER_ONLY_STEPS
+                       else step_list)
             for k in step_list:
                 cfg = make_config(m, path, steps=k, iterations=iterations)
                 if m == "lightning" and (cfg.loop.iterations < _lightning_phases(cfg)):
@@ -234,7 +242,7 @@ def make_plan(out: str | Path, data: Any = "digits,grid25", methods: Any = "dmd2
                 for seed in plan.seeds:
                     cfg = make_config(m, path, steps=k, seed=seed, iterations=iterations)
                     key = run_key(cfg, weights)
-                    students = tuple(step_list) if m == "lightning" else (k,)
+                    students = tuple(step_list) if m == "lightning" or m in SAMPLER_ONLY_STEPS else (k,)
                     plan.runs.append(Run(d, m, k, seed, students, cfg, key, out / "runs" / key))
     return plan
 
@@ -298,12 +306,17 @@ def train_run(run: Run, code: str, progress: bool = False) -> dict[str, Any]:
 
 
 def load_run_student(run: Run, steps: int) -> Any:
-    """The student of ``run`` with ``steps`` steps (Lightning's other rungs from ``run/students/``)."""
+    """The student of ``run`` with ``steps`` steps (Lightning's other rungs from ``run/students/``; ADD's network at
+    the ``steps``-step student's times)."""
     from ..api import load_model
+    from ..diffusion.samplers import student_timesteps
     from ..student import load_student
 
     if steps == run.steps:
         return load_model(run.run_dir)
+    if run.method in SAMPLER_ONLY_STEPS:
+        student = load_model(run.run_dir)
+        return type(student)(student.generator, student_timesteps(student.schedule, steps), info=student.info)
     return load_student(run.run_dir / "students" / f"steps_{steps}")
 
 
