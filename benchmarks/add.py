@@ -27,6 +27,18 @@ The lambda sweep (issue 17): ``python benchmarks/add.py sweep --data digits grid
   the std of the difference (sqrt(std_a^2 + std_b^2)); more than 2 counts as beating it.
 
 Writes benchmarks/results/add_sweep.json (``--name`` another) and prints its tables.
+
+Where a k-step ADD student goes wrong: ``python benchmarks/add.py times --data grid25 --seeds 0 1 2``
+
+* ADD trains one network at its ``student_times`` (999, 749, 499, 249) whatever its steps, so one 1-step run per seed
+  and variant (``full``, the shipped config; ``no_image_conditioning``, ``image_conditioning: false``: the heads not
+  projected on ``c_img``) is measured twice: as the 1-, 2- and 4-step student (rows ``<variant>``, steps k) and, at
+  each training time s, on its own training input (rows ``<variant>@t<s>``): ``G(x_s, s)`` with ``x_s`` the train
+  split noised to s (pure noise at the first time, as training draws it), against the same reference as the
+  students. A student that fails only on re-noised samples of its own points the sampler out; one that fails on
+  real ``x_s`` as well has learned the wrong map at that time.
+
+Writes benchmarks/results/add_times.json and prints its table.
 """
 from __future__ import annotations
 
@@ -233,8 +245,100 @@ def sweep(argv: list[str]) -> None:
     print(f"\nwrote {path}")
 
 
+TIMES_VARIANTS = {"full": {}, "no_image_conditioning": {"image_conditioning": False}}
+
+
+def at_training_times(student: Any, student_times: int, data: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """``G(x_s, s)`` at each of ADD's ``student_times`` training times s on the train split noised to s (pure noise at the first
+    time, as ``ADDMethod._student_input`` draws it): the metrics of ``fewstep.api.evaluate`` against its
+    reference, one dict per time."""
+    import torch
+
+    from fewstep.data import load_data
+    from fewstep.diffusion.samplers import initial_noise, student_timesteps
+    from fewstep.eval.evaluate import evaluate_samples
+
+    gen, schedule = student.generator, student.schedule
+    train, test = load_data(data, split="train"), load_data(data, split="test")
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, len(train.x), (n,), generator=g)
+    x0, labels = train.x[index], None if train.labels is None else train.labels[index]
+    eps = torch.randn(x0.shape, generator=g)
+    times = student_timesteps(schedule, student_times)
+    out = []
+    device = next(gen.parameters()).device
+    gen.eval()
+    for i, t in enumerate(times.tolist()):
+        s = torch.full((n,), t)
+        x_s = initial_noise(schedule, eps, t) if i == 0 else schedule.add_noise(x0, eps, s)
+        with torch.no_grad():
+            x = torch.cat([gen(x_s[j:j + 500].to(device), s[j:j + 500].to(device),
+                               None if labels is None else labels[j:j + 500].to(device)).cpu()
+                           for j in range(0, n, 500)])
+        heldout = test if train.kind == "image" else None
+        metrics = evaluate_samples(x, train if heldout is not None else test, labels=labels, heldout=heldout)
+        out.append({"t": t, "alpha": float(schedule.alpha_sigma(torch.tensor(t))[0]), **metrics})
+    return out
+
+
+def times(argv: list[str]) -> None:
+    import yaml
+
+    from fewstep.api import evaluate
+    from fewstep.diffusion.samplers import student_timesteps
+    from fewstep.student import load_student
+
+    p = argparse.ArgumentParser(description="ADD's k-step students and its network at each training time "
+                                            "(see benchmarks/add.py)")
+    p.add_argument("--data", nargs="+", default=["grid25"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(TIMES_VARIANTS), choices=list(TIMES_VARIANTS))
+    p.add_argument("--keep", type=Path, default=None,
+                   help="keep the runs here and reuse the finished ones (default: a temp folder, removed)")
+    p.add_argument("--n", type=int, default=2000, help="evaluation samples")
+    p.add_argument("--iterations", type=int, default=None, help="override the configs' iterations (quick runs)")
+    a = p.parse_args(argv)
+    work = a.keep or Path(tempfile.mkdtemp(prefix="fewstep-add-times-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        for data in a.data:
+            for variant in a.variants:
+                per_row: dict[tuple[str, int], list[dict[str, Any]]] = {}
+                for seed in a.seeds:
+                    row, out = run(data, work, variant, seed, a.iterations, None, **TIMES_VARIANTS[variant])
+                    student = load_student(out)
+                    student_times = yaml.safe_load((out / "config.yaml").read_text())["student_times"]
+                    for k in (1, 2, 4):
+                        k_student = type(student)(student.generator, student_timesteps(student.schedule, k),
+                                                  info=student.info)
+                        per_row.setdefault((variant, k), []).append(
+                            {**evaluate(k_student, n=a.n, seed=seed), "wall_seconds": row["wall_seconds"]})
+                    for r in at_training_times(student, student_times, data, a.n, seed):
+                        per_row.setdefault((f"{variant}@t{r['t']:g}", 1), []).append(r)
+                for (name, k), seed_rows in per_row.items():
+                    rows.append(average([{**r, "data": data, "method": "add", "variant": name, "steps": k}
+                                         for r in seed_rows]))
+                r = [x for x in rows if x["data"] == data and x["variant"] == variant]
+                print(f"  {data:>7} {variant:<24} " + "  ".join(
+                    f"{x['steps']}-step {METRIC[data]} {fmt(x[METRIC[data]], x.get(METRIC[data] + '_std'))}"
+                    for x in r), flush=True)
+    finally:
+        if a.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    path = write_results("add_times", meta(a.seeds, n=a.n, iterations=a.iterations), rows)
+    for data in a.data:
+        sub = [r for r in rows if r["data"] == data]
+        extra = ["modes_covered", "high_quality"] if METRIC[data] == "sliced_w" else ["fid_heldout", "precision",
+                                                                                     "recall"]
+        print(f"\n### {data}\n" + markdown_table(sub, ["variant", "steps", "alpha", METRIC[data], *extra]))
+    print(f"\nwrote {path}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["sweep"]:
         run_main(lambda: sweep(sys.argv[2:]))
+    elif sys.argv[1:2] == ["times"]:
+        run_main(lambda: times(sys.argv[2:]))
     else:
         run_main(lambda: method_benchmark("add", VARIANTS, __doc__))

@@ -955,3 +955,38 @@ def test_pixel_features_and_pixel_distill_share_one_decode(tiny_text_teachers, m
     gen = m.players["generator"].module
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
     assert {"adv", "distill"} <= set(stats)
+
+
+def test_the_times_benchmark_feeds_each_time_its_training_input():
+    """benchmarks/add.py times: at the first training time the network sees pure noise ``sigma eps``, at the others
+    the train split noised with the same ``eps``, ``alpha_s x0 + sigma_s eps`` (ADDMethod._student_input's draw)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import add as add_benchmark
+
+    from fewstep.api import load_teacher
+    from fewstep.data import load_data
+
+    schedule = load_teacher("grid25").schedule
+    seen = []
+
+    class Recorder(nn.Module):  # the identity, recording what it is given
+        def forward(self, x, t, cond):
+            seen.append((x.clone(), t.clone()))
+            return x
+
+    gen = Recorder()
+    gen.register_parameter("w", nn.Parameter(torch.zeros(())))
+    rows = add_benchmark.at_training_times(types.SimpleNamespace(generator=gen, schedule=schedule), 4, "grid25",
+                                           200, seed=0)
+    assert [r["t"] for r in rows] == [999, 749, 499, 249] and all(r["sliced_w"] > 0 for r in rows)
+    assert [t.unique().tolist() for _, t in seen] == [[999.0], [749.0], [499.0], [249.0]]
+    eps = seen[0][0] / schedule.alpha_sigma(torch.tensor(999.0))[1]
+    assert abs(float(eps.std()) - 1) < 0.15  # 400 standard normal draws: std within 3 of its standard errors
+    train = load_data("grid25", split="train").x
+    for x, t in seen[1:]:
+        a, s = schedule.alpha_sigma(t[:1])
+        # each recovered point is one of the train split's: float32 rounding of |x| <= ~4 (~5e-7) amplified by
+        # 1 / alpha <= 20 at t = 749, so within 1e-4 (distances without cdist's matrix-product shortcut)
+        x0 = (x - s * eps) / a
+        dist = torch.cdist(x0, train, compute_mode="donot_use_mm_for_euclid_dist")
+        assert dist.min(1).values.max() < 1e-4
