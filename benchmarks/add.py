@@ -249,9 +249,9 @@ TIMES_VARIANTS = {"full": {}, "no_image_conditioning": {"image_conditioning": Fa
 
 
 def at_training_times(student: Any, student_times: int, data: str, n: int, seed: int) -> list[dict[str, Any]]:
-    """``G(x_s, s)`` at each of ADD's ``student_times`` training times s on the train split noised to s (pure noise at the first
-    time, as ``ADDMethod._student_input`` draws it): the metrics of ``fewstep.api.evaluate`` against its
-    reference, one dict per time."""
+    """``G(x_s, s)`` at each of ADD's ``student_times`` training times s on the train split noised to s (pure noise
+    at the first time, as ``ADDMethod._student_input`` draws it): the metrics of ``fewstep.api.evaluate`` against
+    its reference, one dict per time."""
     import torch
 
     from fewstep.data import load_data
