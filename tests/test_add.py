@@ -398,7 +398,8 @@ def test_random_features_and_factory_errors():
     rf = RandomFeatures(2, width=16, depth=3, seed=3)
     layers, pooled = rf(torch.randn(4, 2))
     assert [tuple(f.shape) for f in layers] == [(4, 16)] * 3 and torch.equal(pooled, layers[-1])
-    assert all(torch.equal(a, b) for a, b in zip(rf.state_dict().values(), RandomFeatures(2, 16, 3, 3).state_dict().values()))
+    again = RandomFeatures(2, 16, 3, 3).state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(rf.state_dict().values(), again))
     with pytest.raises(UserError, match="feature_network: teacher"):
         build_feature_network("digits", point_teacher())
     with pytest.raises(UserError, match="points"):
