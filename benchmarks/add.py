@@ -32,7 +32,8 @@ Where a k-step ADD student goes wrong: ``python benchmarks/add.py times --data g
 
 * ADD trains one network at its ``student_times`` (999, 749, 499, 249) whatever its steps, so one 1-step run per seed
   and variant (``full``, the shipped config; ``no_image_conditioning``, ``image_conditioning: false``: the heads not
-  projected on ``c_img``) is measured twice: as the 1-, 2- and 4-step student (rows ``<variant>``, steps k) and, at
+  projected on ``c_img``; ``image_conditioning_alpha_0.5``: ``c_img`` only where ``alpha_s >= 0.5``, at 249 of
+  grid25's times) is measured twice: as the 1-, 2- and 4-step student (rows ``<variant>``, steps k) and, at
   each training time s, on its own training input (rows ``<variant>@t<s>``): ``G(x_s, s)`` with ``x_s`` the train
   split noised to s (pure noise at the first time, as training draws it), against the same reference as the
   students. A student that fails only on re-noised samples of its own points the sampler out; one that fails on
@@ -245,7 +246,8 @@ def sweep(argv: list[str]) -> None:
     print(f"\nwrote {path}")
 
 
-TIMES_VARIANTS = {"full": {}, "no_image_conditioning": {"image_conditioning": False}}
+TIMES_VARIANTS = {"full": {}, "no_image_conditioning": {"image_conditioning": False},
+                  "image_conditioning_alpha_0.5": {"image_conditioning_min_alpha": 0.5}}
 
 
 def at_training_times(student: Any, student_times: int, data: str, n: int, seed: int) -> list[dict[str, Any]]:

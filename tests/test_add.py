@@ -632,6 +632,11 @@ def test_image_embedding_conditions_both_sides_only_below_T(monkeypatch):
     c_img = m._image_embedding(pooled, s)
     assert torch.equal(c_img[[0, 3]], torch.zeros(2, 64)) and torch.equal(c_img[[1, 2]], pooled[[1, 2]])
     assert add(teacher, image_conditioning=False)._image_embedding(pooled, s) is None
+    # image_conditioning_min_alpha: c_img only where alpha_s reaches it (749 and 249 lie either side of 0.5)
+    a749, a249 = (float(teacher.schedule.alpha_sigma(torch.tensor(t))[0]) for t in (749.0, 249.0))
+    assert a749 < 0.5 < a249
+    c_half = add(teacher, image_conditioning_min_alpha=0.5)._image_embedding(pooled, s)
+    assert torch.equal(c_half[[0, 1, 3]], torch.zeros(3, 64)) and torch.equal(c_half[2], pooled[2])
     assert m.players["discriminator"].module.heads[0].img_proj is not None
     assert add(teacher, image_conditioning=False).players["discriminator"].module.heads[0].img_proj is None
     # the real and the fake logit of a pair get the same labels and c_img

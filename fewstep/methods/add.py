@@ -155,6 +155,11 @@ class ADDConfig(BaseModel):
         0.02, ge=0, le=1, description="'teacher': the fixed time of the encoder, as a share of the time range.")
     image_conditioning: bool = Field(
         True, description="Project the heads on c_img, the feature network's pooled embedding of x0, when s < T.")
+    image_conditioning_min_alpha: float = Field(
+        0.0, ge=0, le=1,
+        description="c_img only where the student's input keeps this much of x0: alpha_s >= this (0: every s < T, "
+                    "the paper's). Where alpha_s is small the heads know the x0 the input barely shows, and pull the "
+                    "output to the x0 that best matches on average (benchmarks/add.py times; README, ADD).")
     head_width: int = Field(64, ge=8, description="Hidden width of each discriminator head.")
     r1_gamma: float = Field(
         1e-4, ge=0,
@@ -451,10 +456,14 @@ class ADDMethod(Method):
         return t.round() if self.schedule.kind == "ddpm" else t
 
     def _image_embedding(self, pooled: Tensor, s: Tensor) -> Tensor | None:
-        """``c_img`` of the real ``x0`` for samples with ``s < T``, zero where the student saw pure noise."""
+        """``c_img`` of the real ``x0`` for samples with ``s < T`` (and ``alpha_s >= image_conditioning_min_alpha``),
+        zero where the student saw pure noise."""
         if not self.cfg.image_conditioning:
             return None
-        return pooled * (s < self.train_timesteps[0].to(s.device)).to(pooled.dtype)[:, None]
+        keep = s < self.train_timesteps[0].to(s.device)
+        if self.cfg.image_conditioning_min_alpha > 0:
+            keep = keep & (self.schedule.alpha_sigma(s)[0].to(s.device) >= self.cfg.image_conditioning_min_alpha)
+        return pooled * keep.to(pooled.dtype)[:, None]
 
     @staticmethod
     def _disc_cond(cond: Any) -> tuple[Tensor | None, Tensor | None]:
