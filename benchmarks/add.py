@@ -253,15 +253,15 @@ TIMES_VARIANTS = {"full": {}, "no_image_conditioning": {"image_conditioning": Fa
 def at_training_times(student: Any, student_times: int, data: str, n: int, seed: int) -> list[dict[str, Any]]:
     """``G(x_s, s)`` at each of ADD's ``student_times`` training times s on the train split noised to s (pure noise
     at the first time, as ``ADDMethod._student_input`` draws it): the metrics of ``fewstep.api.evaluate`` against
-    its reference, one dict per time."""
+    its reference (``evaluate_against``), one dict per time."""
     import torch
 
     from fewstep.data import load_data
     from fewstep.diffusion.samplers import initial_noise, student_timesteps
-    from fewstep.eval.evaluate import evaluate_samples
+    from fewstep.eval.evaluate import evaluate_against
 
     gen, schedule = student.generator, student.schedule
-    train, test = load_data(data, split="train"), load_data(data, split="test")
+    train = load_data(data, split="train")
     g = torch.Generator().manual_seed(seed)
     index = torch.randint(0, len(train.x), (n,), generator=g)
     x0, labels = train.x[index], None if train.labels is None else train.labels[index]
@@ -277,9 +277,8 @@ def at_training_times(student: Any, student_times: int, data: str, n: int, seed:
             x = torch.cat([gen(x_s[j:j + 500].to(device), s[j:j + 500].to(device),
                                None if labels is None else labels[j:j + 500].to(device)).cpu()
                            for j in range(0, n, 500)])
-        heldout = test if train.kind == "image" else None
-        metrics = evaluate_samples(x, train if heldout is not None else test, labels=labels, heldout=heldout)
-        out.append({"t": t, "alpha": float(schedule.alpha_sigma(torch.tensor(t))[0]), **metrics})
+        out.append({"t": t, "alpha": float(schedule.alpha_sigma(torch.tensor(t))[0]),
+                    **evaluate_against(x, data, labels)})
     return out
 
 
@@ -287,7 +286,7 @@ def times(argv: list[str]) -> None:
     import yaml
 
     from fewstep.api import evaluate
-    from fewstep.diffusion.samplers import student_timesteps
+    from fewstep.bench.runs import sampled_at
     from fewstep.student import load_student
 
     p = argparse.ArgumentParser(description="ADD's k-step students and its network at each training time "
@@ -312,10 +311,8 @@ def times(argv: list[str]) -> None:
                     student = load_student(out)
                     student_times = yaml.safe_load((out / "config.yaml").read_text())["student_times"]
                     for k in (1, 2, 4):
-                        k_student = type(student)(student.generator, student_timesteps(student.schedule, k),
-                                                  info=student.info)
                         per_row.setdefault((variant, k), []).append(
-                            {**evaluate(k_student, n=a.n, seed=seed), "wall_seconds": row["wall_seconds"]})
+                            {**evaluate(sampled_at(student, k), n=a.n, seed=seed), "wall_seconds": row["wall_seconds"]})
                     for r in at_training_times(student, student_times, data, a.n, seed):
                         per_row.setdefault((f"{variant}@t{r['t']:g}", 1), []).append(r)
                 for (name, k), seed_rows in per_row.items():

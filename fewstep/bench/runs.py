@@ -305,18 +305,24 @@ def train_run(run: Run, code: str, progress: bool = False) -> dict[str, Any]:
     return record
 
 
+def sampled_at(student: Any, steps: int) -> Any:
+    """The network of ``student`` as a ``steps``-step student of the same kind (its sampler at the ``steps``-step
+    student's times); for the methods of :data:`SAMPLER_ONLY_STEPS`, whose training does not depend on the steps."""
+    from ..diffusion.samplers import student_timesteps
+
+    return type(student)(student.generator, student_timesteps(student.schedule, steps), info=student.info)
+
+
 def load_run_student(run: Run, steps: int) -> Any:
     """The student of ``run`` with ``steps`` steps (Lightning's other rungs from ``run/students/``; ADD's network at
     the ``steps``-step student's times)."""
     from ..api import load_model
-    from ..diffusion.samplers import student_timesteps
     from ..student import load_student
 
     if steps == run.steps:
         return load_model(run.run_dir)
     if run.method in SAMPLER_ONLY_STEPS:
-        student = load_model(run.run_dir)
-        return type(student)(student.generator, student_timesteps(student.schedule, steps), info=student.info)
+        return sampled_at(load_model(run.run_dir), steps)
     return load_student(run.run_dir / "students" / f"steps_{steps}")
 
 
