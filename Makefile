@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	# two workers, one per core (each test runs one intra-op thread); a module's tests share one worker
+	# and so its fixtures
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 demo: $(STAMP)
 	# one intra-op thread: the embedded models are tiny and a second thread only adds contention
